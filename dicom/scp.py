@@ -1,0 +1,672 @@
+"""Storage SCP: receives instances over DICOM C-STORE into the durable spool.
+
+A C-STORE request is answered *Success* only after the instance is on disk durably under
+``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` (see
+:mod:`dicom.spool`) **and** the :class:`InstanceSink` has recorded it. The received bytes
+are written as sent (file meta information + the peer's encoded data set); only the few
+attributes needed to file and record the instance are decoded.
+
+Failure statuses (all carry an ``ErrorComment``):
+
+==========  ================================================================
+``0xA700``  Out of resources: free space of the spool is below the reserve.
+``0xA701``  Out of resources: the instance could not be written.
+``0xA702``  Out of resources: the instance could not be recorded by the sink.
+``0xC210``  Cannot understand: Study/Series/SOP Instance UID missing or invalid.
+``0xC211``  Cannot understand: the data set could not be decoded.
+==========  ================================================================
+
+A duplicate (an instance whose file already exists) is idempotent: the existing file is
+kept, the sink is called with ``duplicate=True`` and the status is *Success*.
+
+Logging carries UIDs, AE titles, addresses, counts and statuses only, never patient
+identifying attributes; pynetdicom's identifier logging is switched off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, runtime_checkable
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    UID,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    KeyObjectSelectionDocumentStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    MRImageStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+    Verification,
+)
+
+from dicom import spool
+
+__all__ = [
+    "STATUS_BAD_UID",
+    "STATUS_DECODE_FAILED",
+    "STATUS_OUT_OF_RESOURCES",
+    "STATUS_RECORD_FAILED",
+    "STATUS_SUCCESS",
+    "STATUS_WRITE_FAILED",
+    "AssociationObserver",
+    "InstanceSink",
+    "ScpConfig",
+    "StoreOutcome",
+    "StoreSCP",
+    "StoredInstance",
+    "accepted_transfer_syntaxes",
+    "quiet_pynetdicom",
+    "store_instance",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+#: Refused, out of resources: spool free space below the configured reserve.
+STATUS_OUT_OF_RESOURCES = 0xA700
+#: Refused, out of resources: writing the file failed.
+STATUS_WRITE_FAILED = 0xA701
+#: Refused, out of resources: the sink did not record the instance.
+STATUS_RECORD_FAILED = 0xA702
+#: Error, cannot understand: a Study/Series/SOP Instance UID is missing or invalid.
+STATUS_BAD_UID = 0xC210
+#: Error, cannot understand: the data set could not be decoded.
+STATUS_DECODE_FAILED = 0xC211
+
+#: Storage SOP classes accepted by the SCP.
+STORAGE_SOP_CLASSES: tuple[str, ...] = (
+    CTImageStorage,
+    MRImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    SegmentationStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+)
+
+_NATIVE_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
+
+#: Attributes decoded from a received data set (everything else stays encoded).
+_TAGS = {
+    "StudyInstanceUID": Tag(0x0020, 0x000D),
+    "SeriesInstanceUID": Tag(0x0020, 0x000E),
+    "SOPInstanceUID": Tag(0x0008, 0x0018),
+    "SOPClassUID": Tag(0x0008, 0x0016),
+    "Modality": Tag(0x0008, 0x0060),
+    "SeriesDescription": Tag(0x0008, 0x103E),
+    "SeriesNumber": Tag(0x0020, 0x0011),
+    "InstanceNumber": Tag(0x0020, 0x0013),
+}
+_SPECIFIC_TAGS = list(_TAGS.values())
+
+
+def quiet_pynetdicom() -> None:
+    """Switch off pynetdicom's identifier logging and keep its logger at WARNING.
+
+    pynetdicom's standard handlers log request/response identifiers (which may contain
+    patient attributes) at DEBUG/INFO; this node never enables them.
+    """
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    pn_logger = logging.getLogger("pynetdicom")
+    if pn_logger.getEffectiveLevel() < logging.WARNING:
+        pn_logger.setLevel(logging.WARNING)
+
+
+def accepted_transfer_syntaxes() -> list[str]:
+    """Return the transfer syntaxes the SCP accepts.
+
+    The four native syntaxes plus every compressed syntax that an installed pydicom pixel
+    decoder can read (RLE Lossless is always decodable by pydicom itself).
+
+    Returns
+    -------
+    list of str
+        Transfer syntax UIDs, native ones first.
+    """
+    from pydicom.pixels import get_decoder
+
+    syntaxes = list(_NATIVE_SYNTAXES)
+    for uid in pydicom.uid.AllTransferSyntaxes:
+        tsyntax = UID(uid)
+        if uid in syntaxes or not tsyntax.is_compressed:
+            continue
+        try:
+            available = get_decoder(tsyntax).is_available
+        except (NotImplementedError, ValueError):
+            available = False
+        if available or uid == RLELossless:
+            syntaxes.append(uid)
+    return syntaxes
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """An instance received and durably written to the spool.
+
+    Attributes
+    ----------
+    study_uid, series_uid, sop_uid, sop_class_uid : str
+        UIDs of the instance.
+    modality : str
+        Modality (``""`` if absent).
+    path : pathlib.Path
+        Spool file.
+    size : int
+        File size in bytes.
+    calling_ae : str
+        Calling AE title of the sender.
+    peer_address : str
+        IP address of the sender.
+    series_description : str
+        Series Description (``""`` if absent).
+    series_number, instance_number : int or None
+        Series Number and Instance Number if present and valid.
+    duplicate : bool
+        ``True`` if the file already existed (the instance was received before).
+    """
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str
+    path: Path
+    size: int
+    calling_ae: str
+    peer_address: str
+    series_description: str = ""
+    series_number: int | None = None
+    instance_number: int | None = None
+    duplicate: bool = False
+
+
+@runtime_checkable
+class InstanceSink(Protocol):
+    """Receives every durably written instance; the node commits its state row here.
+
+    Called from the association threads, possibly concurrently: implementations must be
+    thread-safe. Returning means *recorded durably*; raising means *not recorded*, and the
+    SCP then answers a failure status (and removes a newly written file).
+    """
+
+    def record(self, inst: StoredInstance) -> None:
+        """Record `inst` durably or raise."""
+
+
+class AssociationObserver(Protocol):
+    """Optional observer of association outcomes (for an audit log)."""
+
+    def accepted(self, calling_ae: str, address: str) -> None:
+        """An association from `calling_ae` at `address` was accepted."""
+
+    def rejected(self, calling_ae: str, address: str, reason: str) -> None:
+        """An association from `calling_ae` at `address` was rejected for `reason`."""
+
+
+@dataclass(frozen=True)
+class ScpConfig:
+    """Configuration of the :class:`StoreSCP`.
+
+    Attributes
+    ----------
+    ae_title : str
+        Our AE title.
+    host : str
+        Address to bind.
+    port : int
+        Port to bind; ``0`` binds an ephemeral port (see :attr:`StoreSCP.port`).
+    spool_dir : pathlib.Path
+        Spool root directory (created if missing).
+    allowed_callers : Mapping[str, frozenset[str]] or None
+        Calling AE title -> allowed peer addresses (an empty set allows any host).
+        ``None`` accepts any caller.
+    min_free_bytes : int
+        Reserve: C-STORE is refused with ``0xA700`` while the spool's free space is
+        below this many bytes.
+    max_associations : int
+        Maximum concurrent associations.
+    acse_timeout, dimse_timeout, network_timeout : float
+        Timeouts in seconds.
+    ssl_context : ssl.SSLContext or None
+        Server-side TLS context; ``None`` for plain TCP.
+    maximum_pdu_size : int
+        Maximum PDU length we advertise for receiving; ``0`` means unlimited. A large
+        value lets peers send bigger P-DATA PDUs, which cuts pynetdicom's per-PDU cost.
+    """
+
+    ae_title: str = "I3NODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    spool_dir: Path = field(default_factory=lambda: Path("spool"))
+    allowed_callers: Mapping[str, frozenset[str]] | None = None
+    min_free_bytes: int = 1 << 30
+    max_associations: int = 10
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    ssl_context: ssl.SSLContext | None = None
+    maximum_pdu_size: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.ae_title or len(self.ae_title) > 16:
+            raise ValueError(f"ae_title must be 1 to 16 characters, got {self.ae_title!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes must be >= 0, got {self.min_free_bytes}")
+        if self.max_associations < 1:
+            raise ValueError(f"max_associations must be >= 1, got {self.max_associations}")
+        for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.maximum_pdu_size < 0:
+            raise ValueError(f"maximum_pdu_size must be >= 0, got {self.maximum_pdu_size}")
+
+    def caller_rejection(self, calling_ae: str, address: str) -> str | None:
+        """Return why a caller is not allowed, or ``None`` if it is.
+
+        Parameters
+        ----------
+        calling_ae : str
+            Calling AE title (surrounding spaces are ignored).
+        address : str
+            Peer IP address.
+
+        Returns
+        -------
+        str or None
+            The rejection reason.
+        """
+        if self.allowed_callers is None:
+            return None
+        hosts = self.allowed_callers.get(calling_ae.strip())
+        if hosts is None:
+            return "calling AE title not recognised"
+        if hosts and address not in hosts:
+            return "calling AE title not allowed from this address"
+        return None
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """Result of :func:`store_instance`.
+
+    Attributes
+    ----------
+    status : int
+        DIMSE status code.
+    comment : str
+        Error comment for a failure (``""`` on success).
+    instance : StoredInstance or None
+        The stored instance on success.
+    """
+
+    status: int
+    comment: str = ""
+    instance: StoredInstance | None = None
+
+
+def _str_value(ds: Dataset, keyword: str) -> str:
+    elem = ds.get(_TAGS[keyword])
+    if elem is None or elem.value is None:
+        return ""
+    return str(elem.value).strip()
+
+
+def _int_value(ds: Dataset, keyword: str) -> int | None:
+    elem = ds.get(_TAGS[keyword])
+    if elem is None or elem.value is None or elem.value == "":
+        return None
+    try:
+        return int(elem.value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _remove_durably(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def store_instance(
+    *,
+    file_meta_and_dataset: tuple[bytes, bytes],
+    sop_class_uid: str,
+    spool_dir: Path,
+    min_free_bytes: int,
+    sink: InstanceSink,
+    calling_ae: str,
+    peer_address: str,
+) -> StoreOutcome:
+    """File one received instance durably and record it.
+
+    Parameters
+    ----------
+    file_meta_and_dataset : tuple of bytes
+        ``(preamble + 'DICM' + encoded file meta, encoded data set as sent)``.
+    sop_class_uid : str
+        Affected SOP Class UID of the request (used when the data set has none).
+    spool_dir : pathlib.Path
+        Spool root.
+    min_free_bytes : int
+        Free-space reserve of the spool filesystem.
+    sink : InstanceSink
+        Records the instance.
+    calling_ae, peer_address : str
+        The sender.
+
+    Returns
+    -------
+    StoreOutcome
+        Status (and the instance on success).
+    """
+    if min_free_bytes and spool.free_bytes(spool_dir) < min_free_bytes:
+        LOGGER.warning(
+            "Refusing C-STORE from %s: spool free space below reserve of %d bytes",
+            calling_ae,
+            min_free_bytes,
+        )
+        return StoreOutcome(STATUS_OUT_OF_RESOURCES, "Out of resources: disk reserve reached")
+
+    head, body = file_meta_and_dataset
+    try:
+        ds = pydicom.dcmread(
+            BytesIO(head + body),
+            stop_before_pixels=True,
+            specific_tags=_SPECIFIC_TAGS,
+        )
+    except Exception as exc:  # pydicom raises many types on malformed input
+        LOGGER.warning(
+            "C-STORE from %s: data set could not be decoded (%s)", calling_ae, type(exc).__name__
+        )
+        return StoreOutcome(STATUS_DECODE_FAILED, "Cannot understand: data set not decodable")
+
+    uids = {k: _str_value(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    for keyword, value in uids.items():
+        if not spool.is_valid_uid(value):
+            state = "missing" if not value else "invalid"
+            LOGGER.warning("C-STORE from %s refused: %s %s", calling_ae, keyword, state)
+            return StoreOutcome(STATUS_BAD_UID, f"{keyword} {state}")
+
+    path = spool.instance_path(
+        spool_dir, uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
+    )
+    duplicate = path.exists()
+    if not duplicate:
+        try:
+            spool.durable_write(path, _writer(head, body))
+        except OSError as exc:
+            LOGGER.error(
+                "C-STORE of %s from %s: write failed (%s)",
+                uids["SOPInstanceUID"],
+                calling_ae,
+                exc.strerror or type(exc).__name__,
+            )
+            return StoreOutcome(STATUS_WRITE_FAILED, "Out of resources: write failed")
+        size = len(head) + len(body)
+    else:
+        size = path.stat().st_size
+
+    inst = StoredInstance(
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        sop_uid=uids["SOPInstanceUID"],
+        sop_class_uid=_str_value(ds, "SOPClassUID") or str(sop_class_uid),
+        modality=_str_value(ds, "Modality"),
+        path=path,
+        size=size,
+        calling_ae=calling_ae,
+        peer_address=peer_address,
+        series_description=_str_value(ds, "SeriesDescription"),
+        series_number=_int_value(ds, "SeriesNumber"),
+        instance_number=_int_value(ds, "InstanceNumber"),
+        duplicate=duplicate,
+    )
+    try:
+        sink.record(inst)
+    except Exception as exc:  # the sink's failure must never reach the peer as success
+        LOGGER.error(
+            "C-STORE of %s from %s: sink failed to record (%s)",
+            inst.sop_uid,
+            calling_ae,
+            type(exc).__name__,
+        )
+        if not duplicate:
+            try:
+                _remove_durably(path)
+            except OSError:
+                LOGGER.exception("Could not remove unrecorded spool file %s", path)
+        return StoreOutcome(STATUS_RECORD_FAILED, "Out of resources: could not record")
+    return StoreOutcome(STATUS_SUCCESS, "", inst)
+
+
+def _writer(head: bytes, body: bytes) -> Any:
+    def write(fh: BinaryIO) -> None:
+        fh.write(head)
+        fh.write(body)
+
+    return write
+
+
+class StoreSCP:
+    """Storage (and Verification) SCP writing into the spool.
+
+    Parameters
+    ----------
+    config : ScpConfig
+        Configuration.
+    sink : InstanceSink
+        Records each stored instance (thread-safe).
+    observer : AssociationObserver or None
+        Notified of accepted and rejected associations.
+
+    Examples
+    --------
+    >>> scp = StoreSCP(ScpConfig(port=0, spool_dir=tmp), sink)  # doctest: +SKIP
+    >>> scp.start(); port = scp.port; ...; scp.stop()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: ScpConfig,
+        sink: InstanceSink,
+        observer: AssociationObserver | None = None,
+    ) -> None:
+        if not callable(getattr(sink, "record", None)):
+            raise TypeError("sink must have a callable 'record(inst)' method")
+        self.config = config
+        self.sink = sink
+        self.observer = observer
+        self._server: Any = None
+        self._lock = threading.Lock()
+        self._spool_dir = Path(config.spool_dir)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        cfg = self.config
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_associations = cfg.max_associations
+        ae.acse_timeout = cfg.acse_timeout
+        ae.dimse_timeout = cfg.dimse_timeout
+        ae.network_timeout = cfg.network_timeout
+        ae.maximum_pdu_size = cfg.maximum_pdu_size
+        ae.add_supported_context(Verification)
+        syntaxes = accepted_transfer_syntaxes()
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, syntaxes)
+        return ae
+
+    def start(self) -> None:
+        """Start listening (non-blocking); leftover ``*.tmp`` files are removed first.
+
+        Raises
+        ------
+        RuntimeError
+            If already started.
+        OSError
+            If the port cannot be bound or the spool cannot be created.
+        """
+        with self._lock:
+            if self._server is not None:
+                raise RuntimeError("StoreSCP already started")
+            quiet_pynetdicom()
+            self._spool_dir.mkdir(parents=True, exist_ok=True)
+            spool.remove_temp_files(self._spool_dir)
+            ae = self._make_ae()
+            handlers = [
+                (evt.EVT_C_STORE, self._on_c_store),
+                (evt.EVT_C_ECHO, _on_c_echo),
+                (evt.EVT_REQUESTED, self._on_requested),
+                (evt.EVT_ACCEPTED, self._on_accepted),
+                (evt.EVT_REJECTED, self._on_rejected),
+            ]
+            self._server = ae.start_server(
+                (self.config.host, self.config.port),
+                block=False,
+                ssl_context=self.config.ssl_context,
+                evt_handlers=handlers,
+            )
+            LOGGER.info(
+                "Storage SCP %s listening on %s:%d (TLS %s)",
+                self.config.ae_title,
+                self.config.host,
+                self.port,
+                "on" if self.config.ssl_context else "off",
+            )
+
+    def stop(self) -> None:
+        """Stop listening and close active associations (idempotent)."""
+        with self._lock:
+            server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        # Clean up any temp file left by an association killed mid-write.
+        spool.remove_temp_files(self._spool_dir)
+        LOGGER.info("Storage SCP %s stopped", self.config.ae_title)
+
+    @property
+    def port(self) -> int:
+        """The bound port (the configured one, or the ephemeral one when it was 0)."""
+        server = self._server
+        if server is None:
+            return self.config.port
+        return int(server.server_address[1])
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the server is listening."""
+        return self._server is not None
+
+    def __enter__(self) -> StoreSCP:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- event handlers (thin) ------------------------------------------------------------
+    def _on_requested(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        primitive = requestor.primitive
+        calling_ae = str(getattr(primitive, "calling_ae_title", "") or "").strip()
+        address = str(requestor.address)
+        reason = self.config.caller_rejection(calling_ae, address)
+        if reason is None:
+            return
+        LOGGER.warning("Rejecting association from %s at %s: %s", calling_ae, address, reason)
+        # rejected-permanent, service-user, calling AE title not recognised
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        self._notify_rejected(calling_ae, address, reason)
+        event.assoc.kill()
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        calling_ae = str(requestor.ae_title).strip()
+        LOGGER.info("Association accepted from %s at %s", calling_ae, requestor.address)
+        if self.observer is not None:
+            try:
+                self.observer.accepted(calling_ae, str(requestor.address))
+            except Exception:
+                LOGGER.exception("Association observer failed")
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        # Rejections decided by pynetdicom itself (e.g. association limit reached).
+        requestor = event.assoc.requestor
+        primitive = event.assoc.acceptor.primitive
+        diag = getattr(primitive, "diagnostic", None)
+        reason = "association limit reached" if diag == 0x02 else f"rejected (diagnostic {diag})"
+        calling_ae = str(requestor.ae_title).strip()
+        LOGGER.warning("Association from %s at %s rejected: %s", calling_ae, requestor.address, reason)
+        self._notify_rejected(calling_ae, str(requestor.address), reason)
+
+    def _notify_rejected(self, calling_ae: str, address: str, reason: str) -> None:
+        if self.observer is None:
+            return
+        try:
+            self.observer.rejected(calling_ae, address, reason)
+        except Exception:
+            LOGGER.exception("Association observer failed")
+
+    def _on_c_store(self, event: evt.Event) -> Dataset | int:
+        requestor = event.assoc.requestor
+        request = event.request
+        body = request.DataSet.getvalue()
+        head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
+        outcome = store_instance(
+            file_meta_and_dataset=(head, body),
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            spool_dir=self._spool_dir,
+            min_free_bytes=self.config.min_free_bytes,
+            sink=self.sink,
+            calling_ae=str(requestor.ae_title).strip(),
+            peer_address=str(requestor.address),
+        )
+        if outcome.status == STATUS_SUCCESS:
+            return STATUS_SUCCESS
+        status = Dataset()
+        status.Status = outcome.status
+        status.ErrorComment = outcome.comment[:64]
+        return status
+
+
+def _on_c_echo(event: evt.Event) -> int:
+    return STATUS_SUCCESS
