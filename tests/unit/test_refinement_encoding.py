@@ -1,0 +1,260 @@
+"""Refinement input encoding: reviewed masks, correction channels, dataset.json scheme (no torch)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from models.refinement import (
+    I3NODE_KEY,
+    Encoding,
+    correction_channel_names,
+    encode_corrections,
+    encoding_from_dataset_json,
+    force_reviewed,
+    refinement_dataset_json,
+    reviewed_mask,
+)
+
+BASE_JSON = {
+    "channel_names": {"0": "CT"},
+    "labels": {"background": 0, "organ": 1, "lesion": 2},
+    "numTraining": 4,
+    "file_ending": ".nii.gz",
+}
+
+
+# ----------------------------------------------------------------------------- reviewed_mask
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_reviewed_mask_single_axis(axis: int) -> None:
+    shape = (4, 5, 6)
+    mask = reviewed_mask(shape, {axis: [1, 3]})
+    assert mask.dtype == bool and mask.shape == shape
+    expected = np.zeros(shape, bool)
+    idx: list[object] = [slice(None)] * 3
+    for i in (1, 3):
+        idx[axis] = i
+        expected[tuple(idx)] = True
+    np.testing.assert_array_equal(mask, expected)
+    # whole slices: count = 2 * product of the other two dims
+    assert mask.sum() == 2 * np.prod(shape) // shape[axis]
+
+
+def test_reviewed_mask_combination_is_union() -> None:
+    shape = (3, 4, 5)
+    mask = reviewed_mask(shape, {0: [0], 1: [2], 2: [4, 1]})
+    expected = np.zeros(shape, bool)
+    expected[0] = True
+    expected[:, 2] = True
+    expected[:, :, 4] = True
+    expected[:, :, 1] = True
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_reviewed_mask_empty_and_duplicates() -> None:
+    assert not reviewed_mask((2, 3, 4), {}).any()
+    assert not reviewed_mask((2, 3, 4), {0: [], 1: []}).any()
+    np.testing.assert_array_equal(reviewed_mask((2, 3, 4), {1: [1, 1]}), reviewed_mask((2, 3, 4), {1: [1]}))
+
+
+def test_reviewed_mask_accepts_numpy_indices_and_bool_mask() -> None:
+    m = reviewed_mask((3, 3, 3), {np.int64(2): np.array([0, 2])})
+    assert m[:, :, 0].all() and m[:, :, 2].all() and not m[:, :, 1].any()
+    custom = np.zeros((3, 3, 3), bool)
+    custom[1, 1, 1] = True
+    out = reviewed_mask((3, 3, 3), custom)
+    np.testing.assert_array_equal(out, custom)
+    assert out is not custom
+
+
+@pytest.mark.parametrize(
+    "shape, reviewed, word",
+    [
+        ((3, 3, 3), {3: [0]}, "axis"),
+        ((3, 3, 3), {0: [3]}, "reviewed[0]"),
+        ((3, 3, 3), {1: [-1]}, "reviewed[1]"),
+        ((3, 3), {0: [0]}, "shape"),
+        ((3, 3, 3), np.zeros((3, 3, 2), bool), "shape"),
+        ((3, 3, 3), np.zeros((3, 3, 3), np.uint8), "boolean"),
+        ((3, 3, 3), [0, 1], "reviewed"),
+    ],
+)
+def test_reviewed_mask_rejects_bad_input(shape, reviewed, word) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=word.replace("[", r"\[").replace("]", r"\]")):
+        reviewed_mask(shape, reviewed)
+
+
+# ----------------------------------------------------------------------------- encode_corrections
+
+
+def _tiny() -> tuple[np.ndarray, np.ndarray]:
+    image = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3) - 5.0
+    labels = np.array(
+        [
+            [[0, 1, 1], [0, 2, 1], [0, 0, 0]],
+            [[1, 1, 0], [2, 2, 0], [0, 0, 2]],
+        ],
+        dtype=np.uint8,
+    )
+    return image, labels
+
+
+def test_encode_i3deep_by_hand() -> None:
+    image, labels = _tiny()
+    out = encode_corrections(image, labels, {0: [1]}, 3, Encoding.I3DEEP)
+    assert out.dtype == np.float32 and out.shape == (3, 2, 3, 3)
+    np.testing.assert_array_equal(out[0], image)
+    organ = np.zeros((2, 3, 3), np.float32)
+    organ[1] = [[1, 1, 0], [0, 0, 0], [0, 0, 0]]
+    lesion = np.zeros((2, 3, 3), np.float32)
+    lesion[1] = [[0, 0, 0], [1, 1, 0], [0, 0, 1]]
+    np.testing.assert_array_equal(out[1], organ)
+    np.testing.assert_array_equal(out[2], lesion)
+
+
+def test_encode_i3deep_reviewed_by_hand() -> None:
+    image, labels = _tiny()
+    out = encode_corrections(image, labels, {2: [0, 2]}, 3, Encoding.I3DEEP_REVIEWED)
+    assert out.shape == (4, 2, 3, 3)
+    np.testing.assert_array_equal(out[0], image)
+    reviewed = np.zeros((2, 3, 3), np.float32)
+    reviewed[:, :, [0, 2]] = 1
+    np.testing.assert_array_equal(out[3], reviewed)
+    # column x=0: labels z0 [0,0,0], z1 [1,2,0]; column x=2: z0 [1,1,0], z1 [0,0,2]
+    organ = np.zeros((2, 3, 3), np.float32)
+    organ[0, :, 2] = [1, 1, 0]
+    organ[1, :, 0] = [1, 0, 0]
+    lesion = np.zeros((2, 3, 3), np.float32)
+    lesion[1, :, 0] = [0, 1, 0]
+    lesion[1, :, 2] = [0, 0, 1]
+    np.testing.assert_array_equal(out[1], organ)
+    np.testing.assert_array_equal(out[2], lesion)
+    # reviewed background voxels are exactly reviewed & no foreground channel
+    bg = (out[3] == 1) & (out[1] == 0) & (out[2] == 0)
+    assert bg.sum() == reviewed.sum() - organ.sum() - lesion.sum()
+
+
+def test_encode_nothing_reviewed_gives_zero_channels() -> None:
+    image, labels = _tiny()
+    out = encode_corrections(image, labels, {}, 3, Encoding.I3DEEP_REVIEWED)
+    assert not out[1:].any()
+
+
+def test_encode_multichannel_image_and_binary_task() -> None:
+    image = np.stack([np.ones((2, 2, 2)), 2 * np.ones((2, 2, 2))]).astype(np.float64)
+    labels = np.array([[[0, 1], [1, 1]], [[1, 0], [0, 0]]], dtype=np.int16)
+    out = encode_corrections(image, labels, {0: [0]}, 2, Encoding.I3DEEP)
+    assert out.shape == (3, 2, 2, 2) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:2], image)
+    np.testing.assert_array_equal(out[2], [[[0, 1], [1, 1]], [[0, 0], [0, 0]]])
+
+
+def test_encode_ignores_labels_off_the_reviewed_slices() -> None:
+    image, labels = _tiny()
+    labels = labels.astype(np.int16)
+    labels[0] = 9  # out of range, but not reviewed
+    out = encode_corrections(image, labels, {0: [1]}, 3, Encoding.I3DEEP)
+    assert not out[1:, 0].any()
+
+
+def test_encode_default_is_i3deep_reviewed() -> None:
+    image, labels = _tiny()
+    assert encode_corrections(image, labels, {0: [0]}, 3).shape[0] == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"expert_labels": np.zeros((2, 3, 4), np.uint8)}, "expert_labels"),
+        ({"expert_labels": np.zeros((2, 3, 3), np.float32)}, "integer"),
+        ({"expert_labels": np.full((2, 3, 3), 3, np.uint8)}, "expert_labels"),
+        ({"n_classes": 1}, "n_classes"),
+        ({"image": np.zeros((3, 3))}, "image"),
+        ({"reviewed": {5: [0]}}, "axis"),
+    ],
+)
+def test_encode_rejects_bad_input(kwargs, word) -> None:  # type: ignore[no-untyped-def]
+    image, labels = _tiny()
+    args = {"image": image, "expert_labels": labels, "reviewed": {0: [0]}, "n_classes": 3}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=word):
+        encode_corrections(**args)
+
+
+def test_encoding_channel_counts_and_names() -> None:
+    assert Encoding.I3DEEP.n_correction_channels(3) == 2
+    assert Encoding.I3DEEP_REVIEWED.n_correction_channels(3) == 3
+    assert Encoding("i3deep+reviewed") is Encoding.I3DEEP_REVIEWED
+    assert correction_channel_names(Encoding.I3DEEP, ["bg", "organ", "lesion"]) == ["organ", "lesion"]
+    assert correction_channel_names(Encoding.I3DEEP_REVIEWED, ["bg", "a"]) == ["a", "reviewed"]
+
+
+# ----------------------------------------------------------------------------- force_reviewed
+
+
+def test_force_reviewed() -> None:
+    pred = np.array([[[0, 1], [2, 2]]], dtype=np.uint8)
+    expert = np.array([[[2, 0], [0, 1]]], dtype=np.int64)
+    mask = np.array([[[True, False], [False, True]]])
+    out = force_reviewed(pred, expert, mask)
+    np.testing.assert_array_equal(out, [[[2, 1], [2, 1]]])
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(pred, [[[0, 1], [2, 2]]])  # input untouched
+    with pytest.raises(ValueError, match="mask"):
+        force_reviewed(pred, expert, mask.astype(np.uint8))
+    with pytest.raises(ValueError, match="expert_labels"):
+        force_reviewed(pred, expert[:, :1], mask)
+
+
+# ----------------------------------------------------------------------------- dataset.json scheme
+
+
+@pytest.mark.parametrize("encoding", list(Encoding))
+def test_refinement_dataset_json_roundtrip(encoding: Encoding) -> None:
+    dj = refinement_dataset_json(BASE_JSON, encoding)
+    n_corr = encoding.n_correction_channels(3)
+    assert dj["channel_names"]["0"] == "CT"
+    assert [dj["channel_names"][str(i)] for i in range(1, 1 + n_corr)] == ["noNorm"] * n_corr
+    assert len(dj["channel_names"]) == 1 + n_corr
+    assert dj[I3NODE_KEY]["encoding"] == encoding.value
+    assert dj[I3NODE_KEY]["image_channels"] == 1
+    assert encoding_from_dataset_json(dj) is encoding
+    assert BASE_JSON["channel_names"] == {"0": "CT"}  # base untouched
+    # without the i3node key the trailing noNorm channels decide
+    del dj[I3NODE_KEY]
+    assert encoding_from_dataset_json(dj) is encoding
+
+
+def test_encoding_from_dataset_json_errors() -> None:
+    dj = refinement_dataset_json(BASE_JSON, Encoding.I3DEEP)
+    bad = dict(dj, **{I3NODE_KEY: {"encoding": "clicks"}})
+    with pytest.raises(ValueError, match="clicks"):
+        encoding_from_dataset_json(bad)
+    bad = dict(dj, **{I3NODE_KEY: {"encoding": "i3deep+reviewed", "image_channels": 1}})
+    with pytest.raises(ValueError, match="channels"):
+        encoding_from_dataset_json(bad)
+    with pytest.raises(ValueError, match="infer"):
+        encoding_from_dataset_json(BASE_JSON)  # a plain presegmentation dataset.json
+    with pytest.raises(ValueError, match="channel_names"):
+        encoding_from_dataset_json({"labels": {"background": 0, "a": 1}})
+
+
+def test_encoding_from_dataset_json_ambiguous_nonorm_image_prefers_exact_count() -> None:
+    dj = {"channel_names": {"0": "noNorm", "1": "noNorm", "2": "noNorm"},
+          "labels": {"background": 0, "organ": 1, "lesion": 2}}
+    # 3 trailing noNorm: only I3DEEP_REVIEWED matches the count exactly, but it leaves no image
+    with pytest.raises(ValueError, match="infer"):
+        encoding_from_dataset_json(dj)
+    dj[I3NODE_KEY] = {"encoding": "i3deep", "image_channels": 1}
+    assert encoding_from_dataset_json(dj) is Encoding.I3DEEP
+
+
+def test_import_does_not_pull_in_torch() -> None:
+    code = "import sys, models.refinement; print('torch' in sys.modules, 'nnunetv2' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
