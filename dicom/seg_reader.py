@@ -1,0 +1,398 @@
+"""Read a DICOM Segmentation back into a label map over its source series.
+
+Viewers save edits as new SEG series with their own conventions (OHIF/dcmjs,
+3D Slicer/dcmqi, highdicom, pydicom-seg): empty frames omitted, segments
+renumbered or reordered, MANUAL algorithm type, sometimes only plane positions
+and no per-frame source references.  :func:`read_segmentation` therefore places
+every frame by geometry, never by frame order:
+
+1. the per-frame source reference (``DerivationImageSequence`` >
+   ``SourceImageSequence`` > ``ReferencedSOPInstanceUID`` in the Per-Frame
+   Functional Groups), when it names one of the source instances;
+2. otherwise the frame's ``PlanePositionSequence`` projected on the slice
+   normal, matched to the nearest source slice within 30 % of the slice spacing
+   (the in-plane offset must match the source slice as well).
+
+Segments are mapped to the node's classes (:class:`~dicom.codes.SegmentSpec`)
+by Segmented Property Type code (plus category when several classes share a
+type), then by Segment Label (case-insensitive, also against the type's code
+meaning).  Segments that match nothing are reported in
+:attr:`SegReadResult.unknown_segments` and left out, never guessed.
+
+Segmentation types: BINARY; FRACTIONAL (a pixel belongs to a segment when its
+value is at least half of MaximumFractionalValue); LABELMAP (Label Map
+Segmentation Storage, pixel value = segment number), recognised by SOP Class
+UID or by ``SegmentationType``.
+
+Overlap rule: where segments overlap, the class with the **higher label value
+wins** (with the default table lesion = 2 beats organ = 1, so a lesion drawn
+inside the organ stays a lesion).  The result does not depend on frame order.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array as _decode_pixels
+
+from dicom.codes import SegmentSpec
+from dicom.seg_writer import SourceGeometry
+
+__all__ = [
+    "LABELMAP_SEGMENTATION_STORAGE",
+    "SEGMENTATION_STORAGE",
+    "SegGeometryError",
+    "SegReadError",
+    "SegReadResult",
+    "SegReferenceError",
+    "UnknownSegment",
+    "read_segmentation",
+]
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+LABELMAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+
+#: A frame matches a source slice when its distance along the normal is within
+#: this fraction of the slice spacing.
+PLANE_TOLERANCE_FRACTION = 0.3
+_INPLANE_TOL_FRACTION = 0.3
+_ORIENTATION_TOL = 1e-3
+
+
+class SegReadError(ValueError):
+    """The dataset is not a Segmentation this reader can interpret."""
+
+
+class SegReferenceError(SegReadError):
+    """The Segmentation belongs to another series or frame of reference."""
+
+
+class SegGeometryError(SegReadError):
+    """A frame cannot be placed on a source slice (no reference, off-grid, resampled)."""
+
+
+@dataclass(frozen=True)
+class UnknownSegment:
+    """A segment of the SEG that matches none of the node's classes.
+
+    Attributes
+    ----------
+    segment_number : int
+        SegmentNumber in the SEG.
+    label : str
+        SegmentLabel (may be empty).
+    property_type : str
+        Segmented Property Type as ``"(value, scheme, meaning)"`` (may be empty).
+    """
+
+    segment_number: int
+    label: str
+    property_type: str
+
+
+@dataclass(frozen=True)
+class SegReadResult:
+    """Label map read from a Segmentation.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray
+        ``uint8`` ``(z, y, x)`` in the source series' sorted order; 0 where no
+        mapped segment covers a voxel.
+    slices_with_frames : set[int]
+        z indices that carry at least one frame of the SEG (any segment,
+        mapped or not).  With empty frames omitted, other slices were not
+        stored by the writer.
+    segment_mapping : dict[int, int]
+        SEG SegmentNumber -> node label value, for every mapped segment.
+    unknown_segments : tuple[UnknownSegment, ...]
+        Segments that were not mapped (their pixels are ignored).
+    """
+
+    labels: npt.NDArray[np.uint8]
+    slices_with_frames: set[int]
+    segment_mapping: dict[int, int]
+    unknown_segments: tuple[UnknownSegment, ...] = field(default=())
+
+
+def _code_key(item: Dataset) -> tuple[str, str]:
+    value = item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue") or ""
+    return (str(value).strip(), str(item.get("CodingSchemeDesignator", "")).strip().upper())
+
+
+def _first(seq: Iterable[Dataset] | None) -> Dataset | None:
+    if seq is None:
+        return None
+    for item in seq:
+        return item
+    return None
+
+
+def _map_segments(
+    seg: Dataset, specs: Sequence[SegmentSpec]
+) -> tuple[dict[int, int], list[UnknownSegment]]:
+    if "SegmentSequence" not in seg or len(seg.SegmentSequence) == 0:
+        raise SegReadError("seg has no SegmentSequence")
+    by_type: dict[tuple[str, str], list[SegmentSpec]] = {}
+    for spec in specs:
+        key = (spec.property_type.value, spec.property_type.scheme_designator.upper())
+        by_type.setdefault(key, []).append(spec)
+    by_label: dict[str, SegmentSpec] = {}
+    for spec in specs:
+        by_label.setdefault(spec.label.casefold().strip(), spec)
+    for spec in specs:
+        by_label.setdefault(spec.property_type.meaning.casefold().strip(), spec)
+
+    mapping: dict[int, int] = {}
+    unknown: list[UnknownSegment] = []
+    for item in seg.SegmentSequence:
+        number = int(item.SegmentNumber)
+        label = str(item.get("SegmentLabel", "") or "")
+        type_item = _first(item.get("SegmentedPropertyTypeCodeSequence"))
+        cat_item = _first(item.get("SegmentedPropertyCategoryCodeSequence"))
+        match: SegmentSpec | None = None
+        if type_item is not None:
+            candidates = by_type.get(_code_key(type_item), [])
+            if len(candidates) > 1 and cat_item is not None:
+                cat = _code_key(cat_item)
+                narrowed = [
+                    s for s in candidates if (s.category.value, s.category.scheme_designator.upper()) == cat
+                ]
+                candidates = narrowed or candidates
+            if len(candidates) > 1:
+                by_name = [s for s in candidates if s.label.casefold() == label.casefold().strip()]
+                candidates = by_name or candidates
+            if len(candidates) == 1:
+                match = candidates[0]
+        if match is None and label.strip():
+            match = by_label.get(label.casefold().strip())
+        if match is None:
+            code = ""
+            if type_item is not None:
+                value, scheme = _code_key(type_item)
+                code = f"({value}, {scheme}, {type_item.get('CodeMeaning', '')!s})"
+            unknown.append(UnknownSegment(number, label, code))
+        else:
+            mapping[number] = match.label_value
+    return mapping, unknown
+
+
+def _check_references(seg: Dataset, geometry: SourceGeometry) -> None:
+    seg_for = str(seg.get("FrameOfReferenceUID", "") or "")
+    if seg_for and seg_for != geometry.frame_of_reference_uid:
+        raise SegReferenceError(
+            "seg is in another frame of reference (FrameOfReferenceUID differs from the source series)"
+        )
+    if "ReferencedSeriesSequence" in seg and len(seg.ReferencedSeriesSequence) > 0:
+        ours = [s for s in seg.ReferencedSeriesSequence if str(s.get("SeriesInstanceUID", "")) == geometry.series_uid]
+        if not ours:
+            raise SegReferenceError(
+                "seg references another series: the source SeriesInstanceUID is not in its ReferencedSeriesSequence"
+            )
+        known = set(geometry.sop_uids)
+        missing = [
+            str(inst.ReferencedSOPInstanceUID)
+            for s in ours
+            for inst in s.get("ReferencedInstanceSequence", [])
+            if str(inst.ReferencedSOPInstanceUID) not in known
+        ]
+        if missing:
+            raise SegReferenceError(
+                f"seg references {len(missing)} instance(s) of the source series that are not in source_datasets"
+            )
+
+
+def _segmentation_type(seg: Dataset) -> str:
+    sop_class = str(seg.get("SOPClassUID", ""))
+    if sop_class == LABELMAP_SEGMENTATION_STORAGE:
+        return "LABELMAP"
+    if sop_class != SEGMENTATION_STORAGE and str(seg.get("Modality", "")) != "SEG":
+        raise SegReadError(f"seg is not a Segmentation (SOPClassUID {sop_class!r})")
+    seg_type = str(seg.get("SegmentationType", "")).upper()
+    if seg_type not in ("BINARY", "FRACTIONAL", "LABELMAP"):
+        raise SegReadError(f"seg has unsupported SegmentationType {seg_type!r}")
+    return seg_type
+
+
+def _shared(seg: Dataset) -> Dataset:
+    shared = _first(seg.get("SharedFunctionalGroupsSequence"))
+    return shared if shared is not None else Dataset()
+
+
+def _frame_attr(frame: Dataset, shared: Dataset, keyword: str) -> Dataset | None:
+    item = _first(frame.get(keyword))
+    if item is None:
+        item = _first(shared.get(keyword))
+    return item
+
+
+def _check_inplane(seg: Dataset, shared: Dataset, frames: Sequence[Dataset], geometry: SourceGeometry) -> None:
+    if int(seg.Rows) != geometry.rows or int(seg.Columns) != geometry.columns:
+        raise SegGeometryError(
+            f"seg frames are {seg.Rows}x{seg.Columns} but source slices are {geometry.rows}x{geometry.columns}"
+            " (resampled segmentations are not supported)"
+        )
+    items = [_first(shared.get("PlaneOrientationSequence"))]
+    items += [_first(f.get("PlaneOrientationSequence")) for f in frames]
+    reference = np.asarray(geometry.orientation)
+    for item in items:
+        if item is None or "ImageOrientationPatient" not in item:
+            continue
+        iop = np.asarray([float(v) for v in item.ImageOrientationPatient])
+        if iop.shape != (6,) or np.max(np.abs(iop - reference)) > _ORIENTATION_TOL:
+            raise SegGeometryError("seg frames have another ImageOrientationPatient than the source slices")
+    measures = _frame_attr(frames[0], shared, "PixelMeasuresSequence") if frames else None
+    if measures is not None and "PixelSpacing" in measures:
+        sy, sx = (float(v) for v in measures.PixelSpacing)
+        if abs(sy - geometry.spacing[1]) > 1e-3 * max(1.0, sy) or abs(sx - geometry.spacing[2]) > 1e-3 * max(1.0, sx):
+            raise SegGeometryError("seg PixelSpacing differs from the source slices (resampled segmentation)")
+
+
+def _place_frames(
+    seg: Dataset, frames: Sequence[Dataset], shared: Dataset, geometry: SourceGeometry
+) -> list[int]:
+    index_of = {uid: k for k, uid in enumerate(geometry.sop_uids)}
+    sz = geometry.spacing[0]
+    tol_normal = PLANE_TOLERANCE_FRACTION * sz
+    tol_inplane = _INPLANE_TOL_FRACTION * min(geometry.spacing[1], geometry.spacing[2])
+    placed: list[int] = []
+    for f, frame in enumerate(frames):
+        refs: list[str] = []
+        for deriv in frame.get("DerivationImageSequence", []):
+            for src in deriv.get("SourceImageSequence", []):
+                if "ReferencedSOPInstanceUID" in src:
+                    refs.append(str(src.ReferencedSOPInstanceUID))
+        hits = [index_of[r] for r in refs if r in index_of]
+        position = _first(frame.get("PlanePositionSequence"))
+        if hits:
+            if len(set(hits)) > 1:
+                raise SegGeometryError(f"seg frame {f + 1} references several source slices")
+            k = hits[0]
+            if position is not None and "ImagePositionPatient" in position:
+                d = float(np.asarray([float(v) for v in position.ImagePositionPatient]) @ geometry.normal)
+                if abs(geometry.distances[k] - d) > tol_normal:
+                    raise SegGeometryError(
+                        f"seg frame {f + 1}: its plane position and its referenced source instance"
+                        " disagree (broken writer); refusing to guess"
+                    )
+            placed.append(k)
+            continue
+        if position is None or "ImagePositionPatient" not in position:
+            if refs:
+                raise SegReferenceError(
+                    f"seg frame {f + 1} references instances that are not in source_datasets (another series?)"
+                )
+            raise SegGeometryError(
+                f"seg frame {f + 1} has neither a per-frame source reference nor a plane position"
+            )
+        ipp = np.asarray([float(v) for v in position.ImagePositionPatient])
+        d = float(ipp @ geometry.normal)
+        k = int(np.argmin(np.abs(geometry.distances - d)))
+        if abs(geometry.distances[k] - d) > tol_normal:
+            if refs:
+                raise SegReferenceError(
+                    f"seg frame {f + 1} references instances that are not in source_datasets (another series?)"
+                )
+            raise SegGeometryError(
+                f"seg frame {f + 1} lies {abs(geometry.distances[k] - d):.3f} mm from the nearest source slice"
+            )
+        offset = ipp - geometry.positions[k]
+        inplane = offset - (offset @ geometry.normal) * geometry.normal
+        if float(np.linalg.norm(inplane)) > tol_inplane:
+            raise SegGeometryError(
+                f"seg frame {f + 1} is shifted in-plane by {np.linalg.norm(inplane):.3f} mm from its source slice"
+            )
+        placed.append(k)
+    return placed
+
+
+def read_segmentation(
+    seg: Dataset,
+    source_datasets: Sequence[Dataset],
+    segments: Sequence[SegmentSpec],
+) -> SegReadResult:
+    """Read a Segmentation into a label map aligned with its source series.
+
+    Parameters
+    ----------
+    seg : pydicom.dataset.Dataset
+        A Segmentation (BINARY, FRACTIONAL or LABELMAP) with pixel data.
+    source_datasets : Sequence[pydicom.dataset.Dataset]
+        The whole source series, any order (metadata suffices).
+    segments : Sequence[SegmentSpec]
+        The node's classes; SEG segments are mapped onto them.
+
+    Returns
+    -------
+    SegReadResult
+        Labels in sorted order, slices carrying frames, segment mapping and
+        unknown segments.
+
+    Raises
+    ------
+    SegReferenceError
+        The SEG references another series, instances that are not in
+        ``source_datasets``, or another FrameOfReferenceUID.
+    SegGeometryError
+        A frame cannot be placed on a source slice.
+    SegReadError
+        ``seg`` is not a readable Segmentation.
+    """
+    if not isinstance(seg, Dataset):
+        raise SegReadError(f"seg must be a pydicom Dataset, got {type(seg).__name__}")
+    specs = tuple(segments)
+    if not specs or not all(isinstance(s, SegmentSpec) for s in specs):
+        raise ValueError("segments must be a non-empty sequence of SegmentSpec")
+    geometry = SourceGeometry.from_datasets(source_datasets)
+    seg_type = _segmentation_type(seg)
+    _check_references(seg, geometry)
+    mapping, unknown = _map_segments(seg, specs)
+
+    labels = np.zeros(geometry.shape, dtype=np.uint8)
+    n_frames = int(seg.get("NumberOfFrames", 1) or 1)
+    if "PixelData" not in seg or n_frames == 0:
+        return SegReadResult(labels, set(), mapping, tuple(unknown))
+    frames = list(seg.get("PerFrameFunctionalGroupsSequence", []))
+    if len(frames) != n_frames:
+        raise SegReadError(
+            f"seg has {n_frames} frames but {len(frames)} PerFrameFunctionalGroupsSequence items"
+        )
+    shared = _shared(seg)
+    _check_inplane(seg, shared, frames, geometry)
+    slice_index = _place_frames(seg, frames, shared, geometry)
+
+    pixels = _decode_pixels(seg)
+    if pixels.ndim == 2:
+        pixels = pixels[np.newaxis]
+    if pixels.shape[0] != n_frames:
+        raise SegReadError(f"seg pixel data holds {pixels.shape[0]} frames, NumberOfFrames is {n_frames}")
+
+    if seg_type == "LABELMAP":
+        lut = np.zeros(max([0, *[int(s.SegmentNumber) for s in seg.SegmentSequence]]) + 1, dtype=np.uint8)
+        for number, value in mapping.items():
+            lut[number] = value
+        for f, k in enumerate(slice_index):
+            frame = pixels[f]
+            valid = frame < lut.shape[0]
+            values = np.where(valid, lut[np.where(valid, frame, 0)], 0).astype(np.uint8)
+            np.maximum(labels[k], values, out=labels[k])
+        return SegReadResult(labels, set(slice_index), mapping, tuple(unknown))
+
+    threshold: float = 1.0
+    if seg_type == "FRACTIONAL":
+        max_value = float(seg.get("MaximumFractionalValue", 255) or 255)
+        threshold = 0.5 * max_value
+    for f, k in enumerate(slice_index):
+        ident = _frame_attr(frames[f], shared, "SegmentIdentificationSequence")
+        if ident is None or "ReferencedSegmentNumber" not in ident:
+            raise SegReadError(f"seg frame {f + 1} has no SegmentIdentificationSequence")
+        value = mapping.get(int(ident.ReferencedSegmentNumber))
+        if value is None:
+            continue
+        mask = pixels[f] >= threshold
+        view = labels[k]
+        view[mask & (view < value)] = value
+    return SegReadResult(labels, set(slice_index), mapping, tuple(unknown))

@@ -1,0 +1,413 @@
+"""Build the node's DICOM Segmentations (AI presegmentation and refined versions).
+
+:func:`build_segmentation` turns a label map ``(z, y, x)`` in the source series'
+sorted order into a highdicom :class:`~highdicom.seg.Segmentation`: BINARY, one
+segment per foreground class, one frame per source slice and segment (empty
+frames kept by default for the widest viewer compatibility), every source
+instance referenced, a new series in the source study.  The builder returns
+the object; the caller writes and sends it.
+
+:class:`SourceGeometry` is the shared view of a single-frame source series
+(sorted along the slice normal) that the SEG reader, the MPR and KOS builders
+use too.
+"""
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as _sr_codes
+
+from dicom.codes import SegmentSpec
+
+__all__ = [
+    "MANUFACTURER",
+    "SegKind",
+    "SourceGeometry",
+    "SourceGeometryError",
+    "build_segmentation",
+    "segment_descriptions",
+]
+
+#: Manufacturer / content creator recorded in every object the node creates.
+MANUFACTURER = "i3node"
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_ORIENTATION_TOL = 1e-3
+_POSITION_TOL_MM = 1e-3
+
+
+class SegKind(enum.Enum):
+    """Which node output a Segmentation is."""
+
+    PRESEG = "PRESEG"
+    """AI presegmentation (SegmentAlgorithmType AUTOMATIC)."""
+    REFINED = "REFINED"
+    """Refined segmentation from expert corrections (SEMIAUTOMATIC)."""
+
+
+class SourceGeometryError(ValueError):
+    """The source datasets do not form one consistent single-frame series."""
+
+
+@dataclass(frozen=True)
+class SourceGeometry:
+    """Geometry of a single-frame image series sorted along the slice normal.
+
+    Use :meth:`from_datasets`; attributes follow ``docs/contracts.md``.
+
+    Attributes
+    ----------
+    datasets : tuple[pydicom.dataset.Dataset, ...]
+        Source datasets sorted ascending along ``normal``.
+    row, col, normal : numpy.ndarray
+        Row cosine (increasing x index), column cosine (increasing y index)
+        and ``cross(row, col)``.
+    positions : numpy.ndarray
+        ``(z, 3)`` ImagePositionPatient of each sorted slice.
+    distances : numpy.ndarray
+        ``(z,)`` projection of each position on ``normal`` (ascending).
+    spacing : tuple[float, float, float]
+        ``(z, y, x)`` mm; z is the median slice distance (1.0 for one slice
+        without SliceThickness).
+    rows, columns : int
+        In-plane size.
+    study_uid, series_uid, frame_of_reference_uid : str
+        UIDs shared by all slices.
+    sop_uids : tuple[str, ...]
+        SOP Instance UIDs in sorted order.
+    """
+
+    datasets: tuple[Dataset, ...]
+    row: npt.NDArray[np.float64]
+    col: npt.NDArray[np.float64]
+    normal: npt.NDArray[np.float64]
+    positions: npt.NDArray[np.float64]
+    distances: npt.NDArray[np.float64]
+    spacing: tuple[float, float, float]
+    rows: int
+    columns: int
+    study_uid: str
+    series_uid: str
+    frame_of_reference_uid: str
+    sop_uids: tuple[str, ...]
+
+    @classmethod
+    def from_datasets(cls, source_datasets: Sequence[Dataset], *, name: str = "source_datasets") -> SourceGeometry:
+        """Validate and sort single-frame source datasets.
+
+        Parameters
+        ----------
+        source_datasets : Sequence[pydicom.dataset.Dataset]
+            One series of single-frame images, any order (pixel data not needed).
+        name : str
+            Argument name used in error messages.
+
+        Returns
+        -------
+        SourceGeometry
+            The sorted geometry.
+
+        Raises
+        ------
+        SourceGeometryError
+            Empty input, multi-frame images, several series / frames of
+            reference / orientations / matrix sizes, duplicate instances or
+            duplicate slice positions.
+        """
+        if isinstance(source_datasets, Dataset) or len(source_datasets) == 0:
+            raise SourceGeometryError(f"{name} must be a non-empty sequence of datasets")
+        first = source_datasets[0]
+        for key in ("SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID", "ImageOrientationPatient",
+                    "ImagePositionPatient", "PixelSpacing", "Rows", "Columns"):
+            missing = [i for i, ds in enumerate(source_datasets) if key not in ds]
+            if missing:
+                raise SourceGeometryError(f"{name}[{missing[0]}] has no {key}")
+        if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in source_datasets):
+            raise SourceGeometryError(f"{name} must be single-frame images (multi-frame sources are not supported)")
+        for key in ("SeriesInstanceUID", "StudyInstanceUID", "Rows", "Columns"):
+            values = {str(ds[key].value) for ds in source_datasets}
+            if len(values) > 1:
+                raise SourceGeometryError(f"{name} must share one {key}, found {len(values)} different values")
+        fors = {str(ds.get("FrameOfReferenceUID", "")) for ds in source_datasets}
+        if len(fors) > 1 or "" in fors:
+            raise SourceGeometryError(f"{name} must share one non-empty FrameOfReferenceUID")
+        iop = np.asarray([float(v) for v in first.ImageOrientationPatient], dtype=np.float64)
+        for i, ds in enumerate(source_datasets):
+            other = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+            if other.shape != (6,) or np.max(np.abs(other - iop)) > _ORIENTATION_TOL:
+                raise SourceGeometryError(f"{name}[{i}] has a different ImageOrientationPatient (mixed orientation)")
+        row, col = iop[:3], iop[3:]
+        normal = np.cross(row, col)
+        if abs(np.linalg.norm(normal) - 1.0) > 1e-2:
+            raise SourceGeometryError(f"{name} ImageOrientationPatient cosines are not orthonormal")
+        normal = normal / np.linalg.norm(normal)
+        uids = [str(ds.SOPInstanceUID) for ds in source_datasets]
+        if len(set(uids)) != len(uids):
+            raise SourceGeometryError(f"{name} contains the same SOPInstanceUID more than once")
+        positions = np.asarray([[float(v) for v in ds.ImagePositionPatient] for ds in source_datasets])
+        distances = positions @ normal
+        order = np.argsort(distances, kind="stable")
+        distances = distances[order]
+        if len(distances) > 1 and np.min(np.diff(distances)) < _POSITION_TOL_MM:
+            raise SourceGeometryError(f"{name} contains two slices at the same position")
+        if len(distances) > 1:
+            sz = float(np.median(np.diff(distances)))
+        else:
+            sz = float(first.get("SliceThickness", 1.0) or 1.0)
+        sy, sx = (float(v) for v in first.PixelSpacing)
+        sorted_ds = tuple(source_datasets[int(i)] for i in order)
+        return cls(
+            datasets=sorted_ds,
+            row=row,
+            col=col,
+            normal=normal,
+            positions=positions[order],
+            distances=distances,
+            spacing=(sz, sy, sx),
+            rows=int(first.Rows),
+            columns=int(first.Columns),
+            study_uid=str(first.StudyInstanceUID),
+            series_uid=str(first.SeriesInstanceUID),
+            frame_of_reference_uid=fors.pop(),
+            sop_uids=tuple(str(ds.SOPInstanceUID) for ds in sorted_ds),
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(z, y, x)`` shape of the volume."""
+        return (len(self.datasets), self.rows, self.columns)
+
+    @property
+    def orientation(self) -> tuple[float, ...]:
+        """ImageOrientationPatient as 6 floats."""
+        return tuple(float(v) for v in (*self.row, *self.col))
+
+    def patient_position(self, k: float, j: float, i: float) -> npt.NDArray[np.float64]:
+        """Patient coordinates (mm) of voxel ``(k, j, i)`` (contracts.md convention)."""
+        sz, sy, sx = self.spacing
+        return self.positions[0] + k * sz * self.normal + j * sy * self.col + i * sx * self.row
+
+
+def _software_version() -> str:
+    try:
+        return metadata.version("i3node")
+    except metadata.PackageNotFoundError:  # pragma: no cover - source checkout without install
+        return "0"
+
+
+def _check_uid(name: str, value: str) -> None:
+    if not isinstance(value, str) or len(value) > 64 or not _UID_RE.fullmatch(value):
+        raise ValueError(f"{name} must be a DICOM UID (digits and dots, at most 64 characters), got {value!r}")
+
+
+def segment_descriptions(
+    segments: Sequence[SegmentSpec],
+    *,
+    algorithm_type: hd.seg.SegmentAlgorithmTypeValues,
+    model_id: str,
+    model_version: str,
+) -> list[hd.seg.SegmentDescription]:
+    """Segment descriptions numbered 1..n in the order of ``segments``.
+
+    Parameters
+    ----------
+    segments : Sequence[SegmentSpec]
+        Foreground classes.
+    algorithm_type : highdicom.seg.SegmentAlgorithmTypeValues
+        AUTOMATIC, SEMIAUTOMATIC or MANUAL.
+    model_id, model_version : str
+        Algorithm name and version (ignored for MANUAL).
+
+    Returns
+    -------
+    list[highdicom.seg.SegmentDescription]
+        One description per spec.
+    """
+    algorithm = None
+    if algorithm_type != hd.seg.SegmentAlgorithmTypeValues.MANUAL:
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name=model_id,
+            family=_sr_codes.cid7162.ArtificialIntelligence,
+            version=model_version,
+        )
+    out = []
+    for number, spec in enumerate(segments, start=1):
+        out.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=spec.label,
+                segmented_property_category=spec.category,
+                segmented_property_type=spec.property_type,
+                algorithm_type=algorithm_type,
+                algorithm_identification=algorithm,
+                anatomic_regions=None if spec.anatomic_region is None else [spec.anatomic_region],
+                display_color=hd.color.CIELabColor.from_rgb(*spec.color_rgb),
+            )
+        )
+    return out
+
+
+def build_segmentation(
+    source_datasets: Sequence[Dataset],
+    labels: npt.ArrayLike,
+    segments: Sequence[SegmentSpec],
+    *,
+    model_id: str,
+    model_version: str,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    kind: SegKind = SegKind.PRESEG,
+    version: int = 1,
+    instance_number: int = 1,
+    series_description: str | None = None,
+    content_label: str | None = None,
+    keep_empty_frames: bool = True,
+    device_serial_number: str = "1",
+    uid_root: str | None = None,
+) -> hd.seg.Segmentation:
+    """Build a BINARY Segmentation of a label map over a single-frame series.
+
+    Parameters
+    ----------
+    source_datasets : Sequence[pydicom.dataset.Dataset]
+        The source series, any order (metadata suffices).  They are sorted along
+        the slice normal so that ``labels[k]`` maps to the k-th sorted slice.
+    labels : array_like
+        Integer label map ``(z, y, x)`` in sorted order; 0 is background and
+        every other value must be the ``label_value`` of one of ``segments``.
+    segments : Sequence[SegmentSpec]
+        Foreground classes; each becomes one segment (numbered 1..n in the
+        given order), present in ``labels`` or not.
+    model_id, model_version : str
+        Algorithm name and version recorded in every segment.
+    series_uid, sop_uid : str
+        UIDs of the new series and instance (fixed by the caller per job).
+    series_number : int
+        SeriesNumber of the new series.
+    kind : SegKind
+        PRESEG (SegmentAlgorithmType AUTOMATIC) or REFINED (SEMIAUTOMATIC).
+    version : int
+        Output version (1 for the presegmentation, 2, 3, ... for refinements);
+        used in the default series description and content label.
+    instance_number : int
+        InstanceNumber.
+    series_description : str or None
+        Overrides the default ``"AI presegmentation (research use)"`` /
+        ``"AI refined v{version} (research use)"``.
+    content_label : str or None
+        Overrides the default ContentLabel ``"AI_PRESEG"`` / ``"AI_REFINED_V{version}"``.
+    keep_empty_frames : bool
+        Keep one frame per source slice and segment even if empty (default;
+        widest viewer compatibility).  ``False`` omits empty frames.
+    device_serial_number : str
+        DeviceSerialNumber (e.g. the node's id).
+    uid_root : str or None
+        When given, the DimensionOrganizationUID is generated below this root
+        instead of highdicom's.
+
+    Returns
+    -------
+    highdicom.seg.Segmentation
+        The Segmentation (not yet written).
+
+    Raises
+    ------
+    ValueError
+        If an argument is malformed; the message names the argument.
+    """
+    geometry = SourceGeometry.from_datasets(source_datasets)
+    if not isinstance(kind, SegKind):
+        raise ValueError(f"kind must be a SegKind, got {kind!r}")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"version must be a positive int, got {version!r}")
+    if not isinstance(series_number, int) or series_number < 0:
+        raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
+    if not isinstance(instance_number, int) or instance_number < 1:
+        raise ValueError(f"instance_number must be a positive int, got {instance_number!r}")
+    for name, value in (("model_id", model_id), ("model_version", model_version)):
+        if not isinstance(value, str) or not value.strip() or len(value) > 64:
+            raise ValueError(f"{name} must be a non-empty string of at most 64 characters, got {value!r}")
+    _check_uid("series_uid", series_uid)
+    _check_uid("sop_uid", sop_uid)
+    if uid_root is not None:
+        _check_uid("uid_root", uid_root)
+    if series_uid == geometry.series_uid:
+        raise ValueError("series_uid must differ from the source SeriesInstanceUID (SEG is a new series)")
+    specs = tuple(segments)
+    if not specs or not all(isinstance(s, SegmentSpec) for s in specs):
+        raise ValueError("segments must be a non-empty sequence of SegmentSpec")
+    values = [s.label_value for s in specs]
+    if len(set(values)) != len(values):
+        raise ValueError(f"segments must have unique label values, got {values}")
+
+    arr = np.asarray(labels)
+    if arr.shape != geometry.shape:
+        raise ValueError(f"labels must have shape {geometry.shape} (z, y, x) of the source series, got {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise ValueError(f"labels must be an integer array, got dtype {arr.dtype}")
+    present = np.unique(arr)
+    unknown = sorted(set(present.tolist()) - {0, *values})
+    if unknown:
+        raise ValueError(f"labels contain values {unknown} that are not a label_value of segments")
+
+    # Stacked-segments array (z, y, x, n): one binary plane per segment.
+    stacked = np.zeros((*arr.shape, len(specs)), dtype=np.uint8)
+    for index, spec in enumerate(specs):
+        np.equal(arr, spec.label_value, out=stacked[..., index].view(np.bool_))
+
+    if kind is SegKind.PRESEG:
+        algorithm_type = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+        default_description = "AI presegmentation (research use)"
+        default_label = "AI_PRESEG"
+    else:
+        algorithm_type = hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC
+        default_description = f"AI refined v{version} (research use)"
+        default_label = f"AI_REFINED_V{version}"
+    label = content_label if content_label is not None else default_label
+    if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", label):
+        raise ValueError(f"content_label must be 1-16 of A-Z, 0-9, '_' or space, got {label!r}")
+    description = series_description if series_description is not None else default_description
+    if not isinstance(description, str) or len(description) > 64:
+        raise ValueError("series_description must be a string of at most 64 characters")
+
+    seg = hd.seg.Segmentation(
+        source_images=list(geometry.datasets),
+        pixel_array=stacked,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(
+            specs, algorithm_type=algorithm_type, model_id=model_id, model_version=model_version
+        ),
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=f"{MANUFACTURER} {_software_version()}; model {model_id} {model_version}"[:64],
+        device_serial_number=device_serial_number,
+        content_description=description,
+        content_creator_name=f"{MANUFACTURER}^",
+        content_label=label,
+        omit_empty_frames=not keep_empty_frames,
+        series_description=description,
+    )
+    # Derived from a label map: segments cannot overlap.
+    seg.SegmentsOverlap = "NO"
+    if uid_root is not None and "DimensionOrganizationSequence" in seg:
+        from pydicom.uid import generate_uid
+
+        new_uid = generate_uid(prefix=uid_root + ".", entropy_srcs=[sop_uid, "dimension-organization"])
+        for item in seg.DimensionOrganizationSequence:
+            item.DimensionOrganizationUID = new_uid
+        for item in seg.get("DimensionIndexSequence", []):
+            item.DimensionOrganizationUID = new_uid
+    return seg
