@@ -1,0 +1,344 @@
+"""The ``i3node`` command line.
+
+This is the outermost edge: it parses arguments, sets up logging, prints to the
+terminal, and hands over to :mod:`node.app` (the composition root) or to library
+functions.  Exit codes: 0 success, 1 the work failed, 2 bad usage or configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from node.settings import Settings, SettingsError, load_settings
+
+__all__ = ["main", "parse_peer"]
+
+log = logging.getLogger("i3node")
+
+_PEER_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>[0-9]{1,5})$")
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message says what is wrong."""
+
+
+def parse_peer(text: str) -> tuple[str, str, int]:
+    """Parse ``AE@HOST:PORT`` into its parts.
+
+    Raises
+    ------
+    UsageError
+        When the text is not of that form.
+    """
+    m = _PEER_RE.match(text)
+    if not m or not 0 < int(m["port"]) < 65536:
+        raise UsageError(f"peer {text!r} is not of the form AE@HOST:PORT (e.g. I3NODE@127.0.0.1:11112)")
+    return m["ae"], m["host"], int(m["port"])
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr (systemd's journal picks it up); third-party noise kept at WARNING."""
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("pynetdicom", "apscheduler", "nnunetv2", "highdicom", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _Progress:
+    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < 0.1:
+            return
+        self._last = now
+        width = 30
+        filled = int(width * done / total) if total else width
+        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+        if self.tty:
+            sys.stderr.write("\r" + line + ("\n" if done >= total else ""))
+        elif done >= total or done % max(1, total // 10) == 0:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None))
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the node until SIGTERM/SIGINT."""
+    from node.app import build_app
+
+    settings = _settings(args)
+    setup_logging(settings.node.log_level)
+    app = build_app(settings)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %s: stopping (no new associations; running work finishes)", signal.Signals(signum).name)
+        app.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    app.serve_forever()
+    log.info("stopped")
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """C-STORE files or folders to a peer."""
+    from dicom.scu import AssociationFailed, send_paths
+
+    ae, host, port = parse_peer(args.to)
+    paths = [Path(p) for p in args.paths]
+    for p in paths:
+        if not p.exists():
+            raise UsageError(f"{p}: no such file or folder")
+    try:
+        report = send_paths(
+            paths, ae_title=ae, host=host, port=port, calling_ae=args.calling_ae, progress=_Progress("sending")
+        )
+    except AssociationFailed as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    sys.stdout.write(report.summary() + "\n")
+    return 0 if report.failed == 0 else 1
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    """C-ECHO a peer."""
+    from dicom.scu import echo
+
+    ae, host, port = parse_peer(args.to)
+    ok = echo(ae, host, port, calling_ae=args.calling_ae)
+    sys.stdout.write(f"C-ECHO {args.to}: {'success' if ok else 'FAILED'}\n")
+    return 0 if ok else 1
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _ts(t: float | None) -> str:
+    return "" if not t else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def status_snapshot(settings: Settings) -> dict[str, Any]:
+    """Studies, series, jobs and deliveries as plain data (no patient attributes)."""
+    from node.store import Store, deliveries
+
+    store = Store(settings.database_url)
+    try:
+        snap = {
+            "node": settings.node.name,
+            "database": settings.database_url,
+            "studies": [dict(r) for r in store.studies()],
+            "series": [dict(r) for r in store.series_rows()],
+            "jobs": [dict(r) for r in store.jobs()],
+            "job_counts": store.job_counts(),
+            "deliveries": [dict(r) for r in store.iter_rows(deliveries)],
+        }
+    finally:
+        store.close()
+    return snap
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show studies, series and jobs."""
+    snap = status_snapshot(_settings(args))
+    if args.json:
+        sys.stdout.write(json.dumps(snap, indent=2, default=str) + "\n")
+        return 0
+    out = [f"node {snap['node']}  database {snap['database']}", ""]
+    out.append(f"Studies ({len(snap['studies'])})")
+    out.append(
+        _table(
+            [(s["study_uid"], s["state"], s["n_instances"], _ts(s["last_received_at"])) for s in snap["studies"]],
+            ("study", "state", "instances", "last received"),
+        )
+    )
+    out += ["", f"Series ({len(snap['series'])})"]
+    out.append(
+        _table(
+            [(s["series_uid"], s["modality"], s["series_number"], s["n_instances"], s["description"]) for s in snap["series"]],
+            ("series", "modality", "number", "instances", "description"),
+        )
+    )
+    out += ["", f"Jobs ({len(snap['jobs'])})"]
+    out.append(
+        _table(
+            [(j["id"], j["series_uid"], j["state"], j["version"], j["attempts"], _ts(j["updated_at"]), j["reason"]) for j in snap["jobs"]],
+            ("job", "series", "state", "version", "attempts", "updated", "reason"),
+        )
+    )
+    if snap["deliveries"]:
+        out += ["", f"Deliveries ({len(snap['deliveries'])})"]
+        out.append(
+            _table(
+                [(d["output_uid"], d["destination"], d["state"], d["attempts"], d["last_error"]) for d in snap["deliveries"]],
+                ("output", "destination", "state", "attempts", "last error"),
+            )
+        )
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 32x64x64 (slices x rows x columns)")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def write_synthetic_study(
+    out: Path, *, seed: int, shape: tuple[int, int, int], descending: bool = False
+) -> tuple[list[Path], Path]:
+    """Write a seeded synthetic CT study: DICOM files under ``out/dicom`` and labels in ``out/ground_truth.npz``."""
+    import numpy as np
+
+    from dicom.synthetic import PatientInfo, build_ct_series, write_datasets
+    from models.phantoms import make_phantom
+
+    ph = make_phantom(seed, shape=shape)
+    datasets = build_ct_series(
+        ph.image,
+        ph.spacing,
+        patient=PatientInfo(id=f"I3N-{seed:04d}"),
+        series_description="Synthetic CT (i3node phantom)",
+        descending=descending,
+    )
+    paths = write_datasets(datasets, out / "dicom")
+    gt = out / "ground_truth.npz"
+    np.savez_compressed(gt, labels=ph.labels, spacing=np.asarray(ph.spacing), class_names=np.asarray(ph.class_names))
+    return paths, gt
+
+
+def cmd_make_study(args: argparse.Namespace) -> int:
+    """Write a synthetic CT study with ground truth."""
+    out = Path(args.out)
+    paths, gt = write_synthetic_study(out, seed=args.seed, shape=args.shape, descending=args.descending)
+    sys.stdout.write(
+        f"wrote {len(paths)} CT instances to {out / 'dicom'} and ground truth to {gt}\n"
+        f"send it with: i3node send {out / 'dicom'} --to I3NODE@127.0.0.1:11112\n"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train models (currently: the demo models)."""
+    from models.demo import build_demo_models
+
+    settings = _settings(args)
+    setup_logging(settings.node.log_level)
+    cache = Path(args.cache_dir) if args.cache_dir else settings.model_cache_dir
+    t0 = time.monotonic()
+    models = build_demo_models(cache, progress=_text_progress, force=args.force)
+    sys.stdout.write(
+        f"demo models ready in {time.monotonic() - t0:.0f} s\n"
+        f"  presegmentation ensemble: {models.preseg_dir}\n"
+        f"  refinement model:         {models.refine_dir}\n"
+    )
+    return 0
+
+
+def _text_progress(message: str, *rest: Any) -> None:
+    sys.stderr.write(f"[train] {message}{' ' + ' '.join(map(str, rest)) if rest else ''}\n")
+    sys.stderr.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``i3node`` command."""
+    p = argparse.ArgumentParser(prog="i3node", description="i3Deep DICOM node: presegment, ask for the few slices that matter, refine.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the node (systemd runs this)")
+    s.add_argument("--config", help="TOML settings file (default: embedded loopback defaults)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
+    s.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
+    s.add_argument("--to", required=True, help="AE@HOST:PORT of the receiver")
+    s.add_argument("--calling-ae", default="I3NODE_SEND", help="our AE title (default I3NODE_SEND)")
+    s.set_defaults(func=cmd_send)
+
+    s = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    s.add_argument("--to", required=True, help="AE@HOST:PORT")
+    s.add_argument("--calling-ae", default="I3NODE_SEND")
+    s.set_defaults(func=cmd_echo)
+
+    s = sub.add_parser("status", help="studies, series and jobs")
+    s.add_argument("--config")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("make-study", help="write a synthetic CT study with ground truth")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--shape", type=_shape, default=(32, 64, 64), help="slices x rows x columns (default 32x64x64)")
+    s.add_argument("--descending", action="store_true", help="instance order against the slice normal")
+    s.set_defaults(func=cmd_make_study)
+
+    s = sub.add_parser("train", help="train models")
+    tsub = s.add_subparsers(dest="what", required=True, metavar="WHAT")
+    t = tsub.add_parser("demo-models", help="tiny presegmentation ensemble + refinement model on synthetic phantoms")
+    t.add_argument("--config")
+    t.add_argument("--cache-dir", help="where to build (default: models.cache_dir)")
+    t.add_argument("--force", action="store_true", help="rebuild even if cached")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("demo", help="the whole i3Deep loop on loopback with tiny models")
+    s.add_argument("--size", type=_shape, default=None, help="study size, slices x rows x columns")
+    s.add_argument("--workdir", default="var/demo", help="folder for the demo's state and report")
+    s.add_argument("--keep", action="store_true", help="keep the workdir of a previous run")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo (see :mod:`node.demo`)."""
+    from node.demo import run_demo
+
+    setup_logging("INFO")
+    report = run_demo(Path(args.workdir), size=args.size, keep=args.keep, progress=_text_progress)
+    sys.stdout.write(report.render() + "\n")
+    return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``i3node`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (SettingsError, UsageError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""State store: studies, series, instances, jobs, outputs and deliveries.
+
+One database behind SQLAlchemy Core.  SQLite in WAL mode with ``synchronous=FULL``
+is the default (a committed row survives power loss, which is what lets the SCP
+acknowledge an instance only after its row is committed); any other SQLAlchemy URL,
+e.g. PostgreSQL, works for several nodes sharing work.
+
+Only UIDs, AE titles, counts, paths built from UIDs and timestamps are stored here:
+no patient attributes.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+__all__ = [
+    "JobState",
+    "UNFINISHED_STATES",
+    "InstanceRecord",
+    "RecordOutcome",
+    "Store",
+    "metadata",
+]
+
+log = logging.getLogger(__name__)
+
+
+class JobState(str, enum.Enum):
+    """States of a job, in the order a job normally passes them."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    SEGMENTING = "segmenting"
+    SELECTING = "selecting"
+    EXPORTING = "exporting"
+    AWAITING_CORRECTION = "awaiting_correction"
+    REFINING = "refining"
+    DONE = "done"
+    FAILED = "failed"
+
+
+UNFINISHED_STATES = frozenset(
+    {JobState.RECEIVED, JobState.QUEUED, JobState.SEGMENTING, JobState.SELECTING, JobState.EXPORTING, JobState.REFINING}
+)
+
+metadata = sa.MetaData()
+
+studies = sa.Table(
+    "studies",
+    metadata,
+    sa.Column("study_uid", sa.String(64), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),  # receiving | stable
+    sa.Column("n_instances", sa.Integer, nullable=False, default=0),
+    sa.Column("first_received_at", sa.Float, nullable=False),
+    sa.Column("last_received_at", sa.Float, nullable=False),
+    sa.Column("stable_at", sa.Float),
+    sa.Column("reopened", sa.Integer, nullable=False, default=0),
+)
+
+series = sa.Table(
+    "series",
+    metadata,
+    sa.Column("series_uid", sa.String(64), primary_key=True),
+    sa.Column("study_uid", sa.String(64), sa.ForeignKey("studies.study_uid"), nullable=False, index=True),
+    sa.Column("modality", sa.String(16), nullable=False, default=""),
+    sa.Column("sop_class_uid", sa.String(64), nullable=False, default=""),
+    sa.Column("description", sa.String(64), nullable=False, default=""),
+    sa.Column("series_number", sa.Integer),
+    sa.Column("n_instances", sa.Integer, nullable=False, default=0),
+    sa.Column("last_received_at", sa.Float, nullable=False),
+    sa.Column("jobbed_instances", sa.Integer, nullable=False, default=0),
+)
+
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("sop_uid", sa.String(64), primary_key=True),
+    sa.Column("series_uid", sa.String(64), sa.ForeignKey("series.series_uid"), nullable=False, index=True),
+    sa.Column("study_uid", sa.String(64), nullable=False),
+    sa.Column("sop_class_uid", sa.String(64), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("calling_ae", sa.String(16), nullable=False, default=""),
+    sa.Column("instance_number", sa.Integer),
+    sa.Column("received_at", sa.Float, nullable=False),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("series_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("state", sa.String(32), nullable=False, index=True),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("version", sa.Integer, nullable=False, default=1),
+    sa.Column("data", sa.Text, nullable=False, default="{}"),  # JSON: picks, output UIDs, ...
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("not_before", sa.Float, nullable=False, default=0.0),
+)
+
+job_events = sa.Table(
+    "job_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False, index=True),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
+outputs = sa.Table(
+    "outputs",
+    metadata,
+    sa.Column("sop_uid", sa.String(64), primary_key=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False, index=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # seg | kos | mpr
+    sa.Column("series_uid", sa.String(64), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("output_uid", sa.String(64), sa.ForeignKey("outputs.sop_uid"), nullable=False, index=True),
+    sa.Column("destination", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),  # pending | delivered | dead
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.Float, nullable=False, default=0.0),
+    sa.Column("last_error", sa.Text, nullable=False, default=""),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("output_uid", "destination"),
+)
+
+corrections = sa.Table(
+    "corrections",
+    metadata,
+    sa.Column("sop_uid", sa.String(64), primary_key=True),  # the inbound corrected SEG
+    sa.Column("series_uid", sa.String(64), nullable=False),  # the SEG's own series
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id")),
+    sa.Column("state", sa.String(16), nullable=False),  # pending | applied | unmatched | rejected
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("received_at", sa.Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the store keeps of a received instance (no patient attributes)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str
+    path: Path
+    size: int
+    calling_ae: str = ""
+    series_description: str = ""
+    series_number: int | None = None
+    instance_number: int | None = None
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    """Result of :meth:`Store.record_instance`."""
+
+    new: bool
+    reopened_study: bool
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+class Store:
+    """The node's state database.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL.  ``sqlite:///path`` creates the parent directory.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"future": True}
+        if url.startswith("sqlite"):
+            db_path = url.split("///", 1)[-1]
+            if db_path and db_path != ":memory:":
+                Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine: Engine = sa.create_engine(url, **kwargs)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+        # SQLite allows one writer; serialising writers here avoids busy retries.
+        self._write_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release database connections."""
+        self.engine.dispose()
+
+    # -- helpers ---------------------------------------------------------
+    def _tx(self) -> Any:
+        return self.engine.begin()
+
+    # -- instances -------------------------------------------------------
+    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> RecordOutcome:
+        """Record a received instance; idempotent for a SOP Instance UID already known.
+
+        The row, its series and study are committed before this returns, so a
+        caller may acknowledge the instance afterwards.  A new instance for a study
+        that was already stable re-opens it (it is swept again later).
+        """
+        now = time.time() if now is None else now
+        with self._write_lock, self._tx() as c:
+            res = c.execute(sa.select(instances.c.sop_uid).where(instances.c.sop_uid == rec.sop_uid)).first()
+            if res is not None:
+                return RecordOutcome(new=False, reopened_study=False)
+            st = c.execute(sa.select(studies.c.state).where(studies.c.study_uid == rec.study_uid)).first()
+            reopened = False
+            if st is None:
+                c.execute(
+                    studies.insert().values(
+                        study_uid=rec.study_uid, state="receiving", n_instances=1,
+                        first_received_at=now, last_received_at=now, reopened=0,
+                    )
+                )
+            else:
+                reopened = st.state == "stable"
+                c.execute(
+                    studies.update()
+                    .where(studies.c.study_uid == rec.study_uid)
+                    .values(
+                        state="receiving",
+                        n_instances=studies.c.n_instances + 1,
+                        last_received_at=now,
+                        reopened=studies.c.reopened + (1 if reopened else 0),
+                    )
+                )
+            se = c.execute(sa.select(series.c.series_uid).where(series.c.series_uid == rec.series_uid)).first()
+            if se is None:
+                c.execute(
+                    series.insert().values(
+                        series_uid=rec.series_uid, study_uid=rec.study_uid, modality=rec.modality,
+                        sop_class_uid=rec.sop_class_uid, description=rec.series_description[:64],
+                        series_number=rec.series_number, n_instances=1, last_received_at=now, jobbed_instances=0,
+                    )
+                )
+            else:
+                c.execute(
+                    series.update()
+                    .where(series.c.series_uid == rec.series_uid)
+                    .values(n_instances=series.c.n_instances + 1, last_received_at=now)
+                )
+            c.execute(
+                instances.insert().values(
+                    sop_uid=rec.sop_uid, series_uid=rec.series_uid, study_uid=rec.study_uid,
+                    sop_class_uid=rec.sop_class_uid, path=str(rec.path), size=rec.size,
+                    calling_ae=rec.calling_ae, instance_number=rec.instance_number, received_at=now,
+                )
+            )
+        if reopened:
+            log.info("late instance re-opened stable study %s", rec.study_uid)
+        return RecordOutcome(new=True, reopened_study=reopened)
+
+    def instance_paths(self, series_uid: str) -> list[Path]:
+        """Paths of every recorded instance of a series."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                sa.select(instances.c.path).where(instances.c.series_uid == series_uid).order_by(instances.c.path)
+            ).all()
+        return [Path(r.path) for r in rows]
+
+    def count_instances(self, series_uid: str | None = None) -> int:
+        """Number of recorded instances (of one series, or all)."""
+        q = sa.select(sa.func.count()).select_from(instances)
+        if series_uid is not None:
+            q = q.where(instances.c.series_uid == series_uid)
+        with self.engine.connect() as c:
+            return int(c.execute(q).scalar_one())
+
+    def has_instance(self, sop_uid: str) -> bool:
+        """Whether an instance with this SOP Instance UID is recorded."""
+        with self.engine.connect() as c:
+            return c.execute(sa.select(instances.c.sop_uid).where(instances.c.sop_uid == sop_uid)).first() is not None
+
+    # -- studies and series ------------------------------------------------
+    def studies(self) -> list[Mapping[str, Any]]:
+        """All studies, newest first."""
+        with self.engine.connect() as c:
+            return [r._mapping for r in c.execute(sa.select(studies).order_by(studies.c.last_received_at.desc()))]
+
+    def series_rows(self, study_uid: str | None = None) -> list[Mapping[str, Any]]:
+        """Series rows, of one study or all."""
+        q = sa.select(series).order_by(series.c.study_uid, series.c.series_number)
+        if study_uid is not None:
+            q = q.where(series.c.study_uid == study_uid)
+        with self.engine.connect() as c:
+            return [r._mapping for r in c.execute(q)]
+
+    def series_row(self, series_uid: str) -> Mapping[str, Any] | None:
+        """One series row, or None."""
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(series).where(series.c.series_uid == series_uid)).first()
+        return None if r is None else r._mapping
+
+    def due_studies(self, now: float, stable_after_s: float) -> list[str]:
+        """Study UIDs still receiving whose last instance is older than ``stable_after_s``."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                sa.select(studies.c.study_uid).where(
+                    studies.c.state == "receiving", studies.c.last_received_at <= now - stable_after_s
+                )
+            ).all()
+        return [r.study_uid for r in rows]
+
+    def mark_stable(
+        self,
+        study_uid: str,
+        now: float,
+        stable_after_s: float,
+        new_jobs: Sequence[tuple[str, int]],
+    ) -> list[int]:
+        """Mark a study stable and create its jobs, in one transaction.
+
+        Parameters
+        ----------
+        new_jobs
+            ``(series_uid, n_instances)`` of each series that gets a job.
+
+        Returns
+        -------
+        list of int
+            The new job ids.  Nothing happens (empty list) if an instance arrived
+            after the sweep looked, i.e. the study is no longer due.
+        """
+        ids: list[int] = []
+        with self._write_lock, self._tx() as c:
+            res = c.execute(
+                studies.update()
+                .where(
+                    studies.c.study_uid == study_uid,
+                    studies.c.state == "receiving",
+                    studies.c.last_received_at <= now - stable_after_s,
+                )
+                .values(state="stable", stable_at=now)
+            )
+            if res.rowcount != 1:
+                return []
+            for series_uid, n in new_jobs:
+                upd = c.execute(
+                    series.update()
+                    .where(series.c.series_uid == series_uid, series.c.n_instances == n)
+                    .values(jobbed_instances=n)
+                )
+                if upd.rowcount != 1:
+                    continue
+                jid = self._create_job(c, study_uid, series_uid, now)
+                ids.append(jid)
+        return ids
+
+    # -- jobs --------------------------------------------------------------
+    def _create_job(self, c: Connection, study_uid: str, series_uid: str, now: float) -> int:
+        r = c.execute(
+            jobs.insert().values(
+                study_uid=study_uid, series_uid=series_uid, state=JobState.QUEUED.value, reason="",
+                attempts=0, version=1, data="{}", created_at=now, updated_at=now, not_before=0.0,
+            )
+        )
+        jid = int(r.inserted_primary_key[0])
+        c.execute(job_events.insert().values(job_id=jid, state=JobState.QUEUED.value, reason="study stable", at=now))
+        return jid
+
+    def job(self, job_id: int) -> Mapping[str, Any] | None:
+        """One job row, or None."""
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return None if r is None else r._mapping
+
+    def jobs(self, states: Sequence[str] | None = None) -> list[Mapping[str, Any]]:
+        """Jobs, optionally only those in ``states``, oldest first."""
+        q = sa.select(jobs).order_by(jobs.c.id)
+        if states is not None:
+            q = q.where(jobs.c.state.in_([str(getattr(s, "value", s)) for s in states]))
+        with self.engine.connect() as c:
+            return [r._mapping for r in c.execute(q)]
+
+    def job_data(self, job_id: int) -> dict[str, Any]:
+        """The JSON data of a job."""
+        row = self.job(job_id)
+        if row is None:
+            raise KeyError(f"job {job_id} does not exist")
+        return dict(json.loads(row["data"]))
+
+    def set_job_state(
+        self,
+        job_id: int,
+        state: JobState,
+        *,
+        reason: str = "",
+        attempts: int | None = None,
+        data: Mapping[str, Any] | None = None,
+        version: int | None = None,
+        not_before: float | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Move a job to ``state`` and record the transition with its timestamp."""
+        now = time.time() if now is None else now
+        values: dict[str, Any] = {"state": state.value, "reason": reason, "updated_at": now}
+        if attempts is not None:
+            values["attempts"] = attempts
+        if data is not None:
+            values["data"] = json.dumps(dict(data), sort_keys=True)
+        if version is not None:
+            values["version"] = version
+        if not_before is not None:
+            values["not_before"] = not_before
+        with self._write_lock, self._tx() as c:
+            res = c.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+            if res.rowcount != 1:
+                raise KeyError(f"job {job_id} does not exist")
+            c.execute(job_events.insert().values(job_id=job_id, state=state.value, reason=reason, at=now))
+
+    def job_events(self, job_id: int) -> list[Mapping[str, Any]]:
+        """State transitions of a job, oldest first."""
+        with self.engine.connect() as c:
+            return [
+                r._mapping
+                for r in c.execute(sa.select(job_events).where(job_events.c.job_id == job_id).order_by(job_events.c.id))
+            ]
+
+    def job_counts(self) -> dict[str, int]:
+        """Number of jobs per state."""
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def iter_rows(self, table: sa.Table) -> Iterator[Mapping[str, Any]]:
+        """Every row of a table (status and tests)."""
+        with self.engine.connect() as c:
+            for r in c.execute(sa.select(table)):
+                yield r._mapping

@@ -1,0 +1,88 @@
+"""The composed node receives studies over real DICOM and never loses what it acknowledged."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicom.series import load_series
+from node.store import JobState
+from tests.fixtures.node_fixtures import dcmtk_env, storescu
+
+pytestmark = pytest.mark.dcmtk
+
+
+def _wait(pred, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return bool(pred())
+
+
+def test_storescu_100_slices_durable_rows_and_identical_volume(node_factory, ct_series_dir) -> None:
+    app = node_factory(study={"stable_after_s": 3600.0})
+    paths, image = ct_series_dir(n_slices=100, rows=48, cols=40, descending=True)
+    res = storescu(paths, app.port)
+    assert res.returncode == 0, res.stderr
+    assert app.store.count_instances() == 100
+    stored = app.store.instance_paths(app.store.series_rows()[0]["series_uid"])
+    assert len(stored) == 100 and all(p.is_file() for p in stored)
+    spool = app.settings.spool_dir
+    assert all(p.is_relative_to(spool) for p in stored)
+    assert not list(spool.rglob("*.tmp"))
+    vol = load_series(stored)
+    np.testing.assert_array_equal(vol.array, image)
+    study = app.store.studies()[0]
+    assert study["state"] == "receiving" and study["n_instances"] == 100
+
+
+def test_echoscu_and_unknown_caller_rejected(node_factory, ct_series_dir) -> None:
+    app = node_factory(dicom={"allowed_callers": ["PACS", "ECHOSCU@127.0.0.1"]})
+    echo = subprocess.run(
+        [shutil.which("echoscu") or "echoscu", "-aet", "ECHOSCU", "-aec", "I3NODE", "127.0.0.1", str(app.port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=60,
+    )
+    assert echo.returncode == 0, echo.stderr
+    paths, _ = ct_series_dir(n_slices=3)
+    res = storescu(paths, app.port, calling_ae="INTRUDER")
+    assert res.returncode != 0
+    assert "Rejected" in res.stderr or "rejected" in res.stderr.lower()
+    assert app.store.count_instances() == 0
+    assert not list(app.settings.spool_dir.rglob("*.dcm"))
+    ok = storescu(paths, app.port, calling_ae="PACS")
+    assert ok.returncode == 0, ok.stderr
+    assert app.store.count_instances() == 3
+
+
+def test_default_allow_list_accepts_any_ae_from_loopback(node_factory, ct_series_dir) -> None:
+    app = node_factory()
+    paths, _ = ct_series_dir(n_slices=2)
+    assert storescu(paths, app.port, calling_ae="ANY_AE").returncode == 0
+    assert app.store.count_instances() == 2
+
+
+def test_stable_sweep_creates_one_job_per_matching_series_and_late_instance_reopens(node_factory, ct_series_dir) -> None:
+    app = node_factory(selection=[{"modalities": ["CT"], "min_slices": 10}])
+    big, _ = ct_series_dir(n_slices=12, name="a", study_uid="1.2.3.4", series_uid="1.2.3.4.1")
+    small, _ = ct_series_dir(n_slices=4, name="b", study_uid="1.2.3.4", series_uid="1.2.3.4.2")
+    assert storescu(big + small, app.port).returncode == 0
+    assert _wait(lambda: len(app.store.jobs()) == 1), app.store.jobs()
+    job = app.store.jobs()[0]
+    assert job["series_uid"] == "1.2.3.4.1" and job["state"] == JobState.QUEUED.value
+    assert app.store.studies()[0]["state"] == "stable"
+    time.sleep(1.0)
+    assert len(app.store.jobs()) == 1, "a stable study must not get a second job for the same series"
+    # A late instance for the stable study is recorded and re-opens it.
+    late, _ = ct_series_dir(n_slices=1, name="c", study_uid="1.2.3.4", series_uid="1.2.3.4.3")
+    assert storescu(late, app.port).returncode == 0
+    assert app.store.has_instance(late and __import__("pydicom").dcmread(late[0]).SOPInstanceUID)
+    study = app.store.studies()[0]
+    assert study["reopened"] == 1
+    assert _wait(lambda: app.store.studies()[0]["state"] == "stable")
+    assert len(app.store.jobs()) == 1, "the late single-slice series does not match the rules"
