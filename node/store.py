@@ -461,3 +461,97 @@ class Store:
         with self.engine.connect() as c:
             for r in c.execute(sa.select(table)):
                 yield r._mapping
+
+    # -- outputs and corrections ------------------------------------------
+    def is_own_output(self, sop_uid: str) -> bool:
+        """Whether ``sop_uid`` is an object this node created (by recorded UID)."""
+        with self.engine.connect() as c:
+            return c.execute(sa.select(outputs.c.sop_uid).where(outputs.c.sop_uid == sop_uid)).first() is not None
+
+    def outputs_of_job(self, job_id: int, version: int | None = None) -> list[Mapping[str, Any]]:
+        """Output rows of a job (one version or all)."""
+        q = sa.select(outputs).where(outputs.c.job_id == job_id).order_by(outputs.c.version, outputs.c.kind)
+        if version is not None:
+            q = q.where(outputs.c.version == version)
+        with self.engine.connect() as c:
+            return [r._mapping for r in c.execute(q)]
+
+    def add_correction(self, sop_uid: str, series_uid: str, now: float | None = None) -> bool:
+        """Record an inbound corrected SEG as pending; False if it was already known."""
+        now = time.time() if now is None else now
+        with self._write_lock, self._tx() as c:
+            if c.execute(sa.select(corrections.c.sop_uid).where(corrections.c.sop_uid == sop_uid)).first():
+                return False
+            c.execute(
+                corrections.insert().values(
+                    sop_uid=sop_uid, series_uid=series_uid, job_id=None, state="pending", reason="", received_at=now
+                )
+            )
+        return True
+
+    def corrections(self, states: Sequence[str] | None = None) -> list[Mapping[str, Any]]:
+        """Corrected-SEG rows, oldest first."""
+        q = sa.select(corrections).order_by(corrections.c.received_at)
+        if states is not None:
+            q = q.where(corrections.c.state.in_(list(states)))
+        with self.engine.connect() as c:
+            return [r._mapping for r in c.execute(q)]
+
+    def set_correction(self, sop_uid: str, state: str, *, job_id: int | None = None, reason: str = "") -> None:
+        """Update the state of a corrected SEG."""
+        values: dict[str, Any] = {"state": state, "reason": reason}
+        if job_id is not None:
+            values["job_id"] = job_id
+        with self._write_lock, self._tx() as c:
+            c.execute(corrections.update().where(corrections.c.sop_uid == sop_uid).values(**values))
+
+    def instance_path(self, sop_uid: str) -> Path | None:
+        """Spool path of a recorded instance."""
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(instances.c.path).where(instances.c.sop_uid == sop_uid)).first()
+        return None if r is None else Path(r.path)
+
+    def latest_job_for_series(self, series_uid: str, states: Sequence[str]) -> Mapping[str, Any] | None:
+        """The newest job of a series in one of ``states``."""
+        with self.engine.connect() as c:
+            r = c.execute(
+                sa.select(jobs)
+                .where(jobs.c.series_uid == series_uid, jobs.c.state.in_(list(states)))
+                .order_by(jobs.c.id.desc())
+            ).first()
+        return None if r is None else r._mapping
+
+    def resume_unfinished(self, now: float | None = None) -> list[int]:
+        """After a crash or restart: requeue interrupted jobs and corrections.
+
+        Jobs caught in a working state go back to ``queued`` (their output UIDs are
+        fixed, so a re-run cannot produce a second, different object); corrections
+        caught in ``processing`` go back to ``pending``.
+        """
+        now = time.time() if now is None else now
+        working = [JobState.SEGMENTING.value, JobState.SELECTING.value, JobState.EXPORTING.value]
+        ids: list[int] = []
+        with self._write_lock, self._tx() as c:
+            for r in c.execute(sa.select(jobs.c.id, jobs.c.state).where(jobs.c.state.in_(working + [JobState.REFINING.value]))):
+                ids.append(int(r.id))
+                if r.state == JobState.REFINING.value:
+                    back = JobState.AWAITING_CORRECTION.value
+                    data = json.loads(c.execute(sa.select(jobs.c.data).where(jobs.c.id == r.id)).scalar_one())
+                    if data.get("refined_versions"):
+                        back = JobState.DONE.value
+                else:
+                    back = JobState.QUEUED.value
+                c.execute(jobs.update().where(jobs.c.id == r.id).values(state=back, updated_at=now, not_before=0.0))
+                c.execute(job_events.insert().values(job_id=r.id, state=back, reason="resumed after restart", at=now))
+            c.execute(corrections.update().where(corrections.c.state == "processing").values(state="pending"))
+        return ids
+
+    def next_queued_job(self, now: float) -> Mapping[str, Any] | None:
+        """The oldest queued job whose retry delay has passed."""
+        with self.engine.connect() as c:
+            r = c.execute(
+                sa.select(jobs)
+                .where(jobs.c.state == JobState.QUEUED.value, jobs.c.not_before <= now)
+                .order_by(jobs.c.id)
+            ).first()
+        return None if r is None else r._mapping

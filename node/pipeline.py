@@ -1,0 +1,540 @@
+"""Job steps: from a stable series to a presegmentation, and from a corrected SEG to a refinement.
+
+Each step is a plain function over the store and a :class:`PipelineContext` (built by
+the composition root, :mod:`node.app`).  Pure helpers (UID fixing, picks, merging
+corrections) are separate functions so they can be tested without models or sockets.
+
+States (persisted with timestamps in ``job_events``)::
+
+    queued -> segmenting -> selecting -> exporting -> awaiting_correction
+           -> refining -> exporting -> done   (a later corrected SEG: refining again)
+    any    -> failed (reason; input kept)
+
+Every output UID is derived from the job id, the source series and the version, so a
+re-run after a crash writes the very same objects (and reuses files already written).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom.codes import SegmentSpec
+from dicom.provenance import UidFactory
+from dicom.series import SeriesError, Volume, load_series, sort_datasets
+from dicom.seg_reader import SegReadError, read_segmentation
+from dicom.seg_writer import SegKind, build_segmentation
+from dicom.spool import durable_write
+from models.acquisition import select_slices, select_slices_uss, slice_scores
+from models.uncertainty import EnsembleAccumulator
+from node.settings import Settings
+from node.store import JobState, Store
+
+__all__ = [
+    "AXIS_NAMES",
+    "Segmenter",
+    "Refiner",
+    "OutputFile",
+    "PipelineContext",
+    "PermanentJobError",
+    "output_uids",
+    "picks_from_selection",
+    "reviewed_from_picks",
+    "changed_axial_slices",
+    "merge_corrections",
+    "run_segmentation",
+    "ingest_correction",
+    "run_refinement",
+]
+
+log = logging.getLogger(__name__)
+
+AXIS_NAMES = {0: "axial", 1: "coronal", 2: "sagittal"}
+AXIS_INDEX = {v: k for k, v in AXIS_NAMES.items()}
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+class Segmenter(Protocol):
+    """A presegmentation ensemble: one softmax probability array per member."""
+
+    def iter_members(self, image: np.ndarray, spacing: Sequence[float]) -> Iterator[np.ndarray]:
+        """Yield ``(C, z, y, x)`` float probabilities per ensemble member."""
+        ...
+
+
+class Refiner(Protocol):
+    """A refinement model: image + expert-corrected slices -> labels."""
+
+    def predict(
+        self, image: np.ndarray, spacing: Sequence[float], expert_labels: np.ndarray, reviewed: np.ndarray
+    ) -> np.ndarray:
+        """Return ``uint8 (z, y, x)`` labels with reviewed voxels equal to the expert's."""
+        ...
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """An object the node wrote and must deliver."""
+
+    sop_uid: str
+    kind: str  # seg | kos | mpr
+    series_uid: str
+    path: Path
+
+
+class PermanentJobError(Exception):
+    """A job failure that retrying cannot fix (bad series, unreadable SEG)."""
+
+
+@dataclass
+class PipelineContext:
+    """What the job steps need; built by :func:`node.app.build_app`."""
+
+    store: Store
+    settings: Settings
+    segments: tuple[SegmentSpec, ...]
+    segmenter: Callable[[], Segmenter]
+    refiner: Callable[[], Refiner]
+    register_outputs: Callable[[int, int, Sequence[OutputFile]], None]
+    model_version: str = "1"
+    stage_timer: Callable[[str, float], None] = field(default=lambda stage, secs: None)
+
+    @property
+    def uids(self) -> UidFactory:
+        """UID factory below the configured root."""
+        return UidFactory(self.settings.outputs.uid_root)
+
+    def workdir(self, job_id: int) -> Path:
+        """Folder of a job's outputs and working arrays."""
+        return self.settings.outputs_dir / f"job-{job_id}"
+
+
+# -- pure helpers ---------------------------------------------------------------------
+
+
+def output_uids(uids: UidFactory, job_id: int, source_series_uid: str, version: int) -> dict[str, str]:
+    """The fixed UIDs of a job version's outputs (same inputs, same UIDs)."""
+    key = (str(job_id), source_series_uid)
+    out = {
+        "seg_series": uids.derive(*key, "seg-series", str(version)),
+        "seg_sop": uids.derive(*key, "seg", str(version)),
+    }
+    if version == 1:
+        out.update(
+            kos_series=uids.derive(*key, "kos-series"),
+            kos_sop=uids.derive(*key, "kos"),
+            mpr_series_1=uids.derive(*key, "mpr-series", "1"),
+            mpr_series_2=uids.derive(*key, "mpr-series", "2"),
+        )
+    return out
+
+
+def picks_from_selection(
+    selection: Mapping[int, Sequence[int]], uncertainty: np.ndarray, volume: Volume
+) -> list[dict[str, Any]]:
+    """Turn selected indices into picks with rank, score and position (mm along the slice normal).
+
+    Picks are ranked over all orientations by their slice uncertainty (sum of voxel
+    uncertainty over the slice), most uncertain first.
+    """
+    picks: list[dict[str, Any]] = []
+    for axis, indices in selection.items():
+        scores = slice_scores(uncertainty, axis)
+        for idx in indices:
+            picks.append(
+                {
+                    "axis": int(axis),
+                    "orientation": AXIS_NAMES[int(axis)],
+                    "index": int(idx),
+                    "score": float(scores[idx]),
+                    "position_mm": float(volume.slice_position(int(axis), int(idx))),
+                }
+            )
+    picks.sort(key=lambda p: (-p["score"], p["axis"], p["index"]))
+    for rank, p in enumerate(picks, start=1):
+        p["rank"] = rank
+    return picks
+
+
+def reviewed_from_picks(picks: Sequence[Mapping[str, Any]]) -> dict[int, list[int]]:
+    """``axis -> sorted slice indices`` of the slices the node asked the radiologist to review."""
+    out: dict[int, list[int]] = {}
+    for p in picks:
+        out.setdefault(int(p["axis"]), []).append(int(p["index"]))
+    return {a: sorted(set(v)) for a, v in sorted(out.items())}
+
+
+def reviewed_mask_of(shape: tuple[int, ...], reviewed: Mapping[int, Sequence[int]]) -> np.ndarray:
+    """Boolean mask of every voxel on a reviewed slice."""
+    mask = np.zeros(shape, dtype=bool)
+    for axis, indices in reviewed.items():
+        sl: list[Any] = [slice(None)] * 3
+        sl[int(axis)] = list(indices)
+        mask[tuple(sl)] = True
+    return mask
+
+
+def changed_axial_slices(node_labels: np.ndarray, corrected: np.ndarray, slices_with_frames: set[int]) -> list[int]:
+    """Axial slices where the returned SEG differs from the node's own last output.
+
+    Only slices that carry frames in the returned SEG are compared: a viewer that
+    omits empty frames says nothing about the slices it left out.
+    """
+    changed = [k for k in sorted(slices_with_frames) if not np.array_equal(node_labels[k], corrected[k])]
+    return changed
+
+
+def merge_corrections(
+    expert: np.ndarray | None, reviewed: np.ndarray | None, new_labels: np.ndarray, new_reviewed: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold a new round of corrections into the ones so far (the latest round wins).
+
+    Returns
+    -------
+    expert, reviewed
+        ``uint8`` labels valid on ``reviewed`` voxels, and the union of reviewed voxels.
+    """
+    if expert is None or reviewed is None:
+        expert = np.zeros(new_labels.shape, dtype=np.uint8)
+        reviewed = np.zeros(new_labels.shape, dtype=bool)
+    expert = expert.copy()
+    expert[new_reviewed] = new_labels[new_reviewed]
+    return expert, reviewed | new_reviewed
+
+
+# -- I/O helpers -----------------------------------------------------------------------
+
+
+def _write_dataset(ds: Dataset, path: Path) -> Path:
+    def write(fh: Any) -> None:
+        ds.save_as(fh, enforce_file_format=True)
+
+    return durable_write(path, write)
+
+
+def _write_arrays(path: Path, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    durable_write(path, lambda fh: fh.write(buf.getvalue()))
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _load_volume(ctx: PipelineContext, series_uid: str) -> tuple[Volume, list[Dataset]]:
+    paths = ctx.store.instance_paths(series_uid)
+    if not paths:
+        raise PermanentJobError(f"series {series_uid} has no recorded instances")
+    try:
+        volume = load_series(paths)
+    except SeriesError as exc:
+        raise PermanentJobError(f"series {series_uid} cannot be assembled: {exc}") from exc
+    headers = sort_datasets([pydicom.dcmread(p, stop_before_pixels=True) for p in paths])
+    return volume, headers
+
+
+def _timed(ctx: PipelineContext, stage: str, t0: float) -> float:
+    secs = time.monotonic() - t0
+    ctx.stage_timer(stage, secs)
+    return secs
+
+
+# -- the presegmentation job -------------------------------------------------------------
+
+
+def run_segmentation(ctx: PipelineContext, job_id: int) -> None:
+    """Run a queued job up to ``awaiting_correction`` (outputs registered for delivery).
+
+    Raises
+    ------
+    PermanentJobError
+        For a failure that retrying cannot fix; other exceptions are retried by the runner.
+    """
+    store, s = ctx.store, ctx.settings
+    job = store.job(job_id)
+    if job is None:
+        raise KeyError(f"job {job_id} does not exist")
+    series_uid = job["series_uid"]
+    data = store.job_data(job_id)
+    data.setdefault("uids", output_uids(ctx.uids, job_id, series_uid, 1))
+    uids = data["uids"]
+    work = ctx.workdir(job_id)
+    arrays_path = work / "preseg.npz"
+    timings: dict[str, float] = dict(data.get("timings", {}))
+
+    store.set_job_state(job_id, JobState.SEGMENTING, data=data, attempts=job["attempts"] + 1)
+    t0 = time.monotonic()
+    volume, headers = _load_volume(ctx, series_uid)
+    timings["load_series"] = _timed(ctx, "load_series", t0)
+
+    if arrays_path.exists():
+        arrays = _read_arrays(arrays_path)
+        labels, uncertainty = arrays["labels"], arrays["uncertainty"]
+    else:
+        t0 = time.monotonic()
+        acc = EnsembleAccumulator()
+        for member in ctx.segmenter().iter_members(volume.array, volume.spacing):
+            acc.add(member)
+        if acc.count == 0:
+            raise RuntimeError("the presegmentation ensemble produced no member")
+        labels = acc.segmentation()
+        uncertainty = acc.entropy(s.acquisition.uncertainty)
+        timings["presegmentation"] = _timed(ctx, "presegmentation", t0)
+        _write_arrays(arrays_path, labels=labels, uncertainty=uncertainty.astype(np.float32))
+
+    store.set_job_state(job_id, JobState.SELECTING, data=data)
+    t0 = time.monotonic()
+    axes = tuple(AXIS_INDEX[a] for a in s.acquisition.axes)
+    if s.acquisition.strategy == "uss":
+        selection = select_slices_uss(uncertainty, max_slices=s.acquisition.max_slices, axes=axes)
+    else:
+        selection = select_slices(
+            uncertainty,
+            min_dist=s.acquisition.min_dist,
+            min_uncert=s.acquisition.min_uncert,
+            max_slices=s.acquisition.max_slices,
+            axes=axes,
+        )
+    picks = picks_from_selection(selection, uncertainty, volume)
+    data["picks"] = picks
+    timings["selection"] = _timed(ctx, "selection", t0)
+
+    store.set_job_state(job_id, JobState.EXPORTING, data=data)
+    t0 = time.monotonic()
+    files = _export_presegmentation(ctx, job_id, volume, headers, labels, picks, uids, work / "v1")
+    ctx.register_outputs(job_id, 1, files)
+    timings["export"] = _timed(ctx, "export", t0)
+    data["timings"] = timings
+    data["outputs_v1"] = [f.sop_uid for f in files]
+    store.set_job_state(
+        job_id,
+        JobState.AWAITING_CORRECTION,
+        data=data,
+        reason=f"{len(picks)} slice(s) to review",
+    )
+    log.info("job %d: presegmentation exported, %d slice(s) requested for review", job_id, len(picks))
+
+
+def _export_presegmentation(
+    ctx: PipelineContext,
+    job_id: int,
+    volume: Volume,
+    headers: list[Dataset],
+    labels: np.ndarray,
+    picks: list[dict[str, Any]],
+    uids: Mapping[str, str],
+    outdir: Path,
+) -> list[OutputFile]:
+    from dicom.ko_writer import SlicePick, build_key_object_selection
+    from dicom.mpr import build_reformatted_images
+
+    s = ctx.settings
+    base = s.outputs.series_number_base
+    files: list[OutputFile] = []
+    seg_path = outdir / f"{uids['seg_sop']}.dcm"
+    if seg_path.exists():
+        seg = pydicom.dcmread(seg_path)
+    else:
+        seg = build_segmentation(
+            headers,
+            labels,
+            ctx.segments,
+            model_id=s.models.model_id,
+            model_version=ctx.model_version,
+            series_uid=uids["seg_series"],
+            sop_uid=uids["seg_sop"],
+            series_number=base + 1,
+            kind=SegKind.PRESEG,
+            version=1,
+            keep_empty_frames=s.outputs.keep_empty_frames,
+            uid_root=s.outputs.uid_root,
+        )
+        _write_dataset(seg, seg_path)
+    files.append(OutputFile(uids["seg_sop"], "seg", uids["seg_series"], seg_path))
+
+    mpr_datasets: list[Dataset] = []
+    for axis in (1, 2):
+        indices = [p["index"] for p in picks if p["axis"] == axis]
+        if not indices:
+            continue
+        images = build_reformatted_images(
+            headers,
+            volume.array,
+            axis,
+            indices,
+            series_uid=uids[f"mpr_series_{axis}"],
+            uid_root=s.outputs.uid_root,
+            series_number=base + 2 + axis,
+            series_description=f"AI review {AXIS_NAMES[axis]} slices (research use)",
+            sop_uids=[ctx.uids.derive(str(job_id), volume.series_instance_uid, "mpr", str(axis), str(i)) for i in indices],
+        )
+        for ds in images:
+            path = outdir / f"{ds.SOPInstanceUID}.dcm"
+            if not path.exists():
+                _write_dataset(ds, path)
+            files.append(OutputFile(str(ds.SOPInstanceUID), "mpr", str(ds.SeriesInstanceUID), path))
+        mpr_datasets.extend(images)
+
+    kos_path = outdir / f"{uids['kos_sop']}.dcm"
+    if not kos_path.exists():
+        slice_picks = [
+            SlicePick(
+                axis=p["axis"], index=p["index"], position_mm=p["position_mm"], rank=p["rank"], uncertainty=p["score"]
+            )
+            for p in picks
+        ]
+        kos = build_key_object_selection(
+            headers,
+            slice_picks,
+            seg,
+            mpr_datasets,
+            series_uid=uids["kos_series"],
+            sop_uid=uids["kos_sop"],
+            uid_root=s.outputs.uid_root,
+            series_number=base + 2,
+            title_code=s.outputs.kos_title,
+        )
+        _write_dataset(kos, kos_path)
+    files.append(OutputFile(uids["kos_sop"], "kos", uids["kos_series"], kos_path))
+    return files
+
+
+# -- corrected SEGs --------------------------------------------------------------------------
+
+
+def referenced_series_uid(seg: Dataset) -> str | None:
+    """The source series a SEG refers to (ReferencedSeriesSequence), or None."""
+    for item in getattr(seg, "ReferencedSeriesSequence", []) or []:
+        uid = getattr(item, "SeriesInstanceUID", None)
+        if uid:
+            return str(uid)
+    return None
+
+
+def ingest_correction(ctx: PipelineContext, sop_uid: str) -> int | None:
+    """Match a received SEG to its job; returns the job id, or None (kept, reported).
+
+    The SEG's state becomes ``processing`` when matched (the refinement is then run by
+    :func:`run_refinement`), ``unmatched`` when no job waits for it, ``rejected`` when
+    it cannot be read.
+    """
+    store = ctx.store
+    path = store.instance_path(sop_uid)
+    if path is None:
+        store.set_correction(sop_uid, "rejected", reason="instance file not recorded")
+        return None
+    seg = pydicom.dcmread(path, stop_before_pixels=True)
+    series_uid = referenced_series_uid(seg)
+    if series_uid is None:
+        store.set_correction(sop_uid, "rejected", reason="SEG has no ReferencedSeriesSequence")
+        return None
+    job = store.latest_job_for_series(
+        series_uid, [JobState.AWAITING_CORRECTION.value, JobState.DONE.value, JobState.REFINING.value]
+    )
+    if job is None:
+        store.set_correction(
+            sop_uid, "unmatched", reason=f"references series {series_uid}, which has no job awaiting corrections"
+        )
+        log.warning("corrected SEG %s matches no job (series %s); kept", sop_uid, series_uid)
+        return None
+    store.set_correction(sop_uid, "processing", job_id=int(job["id"]))
+    return int(job["id"])
+
+
+def run_refinement(ctx: PipelineContext, job_id: int, correction_sop_uid: str) -> int:
+    """Refine a job from one more corrected SEG; returns the new output version.
+
+    All reviewed slices so far are used (latest round wins where rounds overlap);
+    reviewed voxels keep the expert's labels exactly.
+    """
+    store, s = ctx.store, ctx.settings
+    job = store.job(job_id)
+    if job is None:
+        raise KeyError(f"job {job_id} does not exist")
+    data = store.job_data(job_id)
+    applied = list(data.get("applied_corrections", []))
+    if correction_sop_uid in applied:  # the same SEG twice: one refinement
+        store.set_correction(correction_sop_uid, "applied", job_id=job_id, reason="already applied")
+        return int(job["version"])
+    version = int(job["version"]) + 1
+    store.set_job_state(job_id, JobState.REFINING, data=data, reason=f"refining v{version}")
+    work = ctx.workdir(job_id)
+    t0 = time.monotonic()
+    volume, headers = _load_volume(ctx, job["series_uid"])
+    seg_path = store.instance_path(correction_sop_uid)
+    if seg_path is None:
+        raise PermanentJobError(f"corrected SEG {correction_sop_uid} is not on disk")
+    try:
+        result = read_segmentation(pydicom.dcmread(seg_path), headers, ctx.segments)
+    except SegReadError as exc:
+        store.set_correction(correction_sop_uid, "rejected", job_id=job_id, reason=str(exc))
+        back = JobState.DONE if data.get("refined_versions") else JobState.AWAITING_CORRECTION
+        store.set_job_state(job_id, back, data=data, reason=f"corrected SEG rejected: {exc}")
+        log.warning("job %d: corrected SEG %s rejected: %s", job_id, correction_sop_uid, exc)
+        return int(job["version"])
+    if result.unknown_segments:
+        log.warning(
+            "job %d: corrected SEG has %d segment(s) matching no class; ignored",
+            job_id,
+            len(result.unknown_segments),
+        )
+
+    reviewed = reviewed_from_picks(data.get("picks", []))
+    if s.acquisition.corrected_slices == "requested+changed":
+        last_labels = _read_arrays(work / f"labels_v{job['version']}.npz")["labels"] if job["version"] > 1 else _read_arrays(work / "preseg.npz")["labels"]
+        changed = changed_axial_slices(last_labels, result.labels, result.slices_with_frames)
+        reviewed[0] = sorted(set(reviewed.get(0, [])) | set(changed))
+    new_mask = reviewed_mask_of(result.labels.shape, reviewed)
+    prev = work / "corrections.npz"
+    prev_arrays = _read_arrays(prev) if prev.exists() else {}
+    expert, mask = merge_corrections(prev_arrays.get("expert"), prev_arrays.get("reviewed"), result.labels, new_mask)
+    _write_arrays(prev, expert=expert, reviewed=mask)
+    timings = dict(data.get("timings", {}))
+    timings[f"read_correction_v{version}"] = _timed(ctx, "read_correction", t0)
+
+    t0 = time.monotonic()
+    refined = ctx.refiner().predict(volume.array, volume.spacing, expert, mask)
+    refined = np.where(mask, expert, refined).astype(np.uint8)
+    timings[f"refinement_v{version}"] = _timed(ctx, "refinement", t0)
+    _write_arrays(work / f"labels_v{version}.npz", labels=refined)
+
+    store.set_job_state(job_id, JobState.EXPORTING, data=data, reason=f"exporting v{version}")
+    t0 = time.monotonic()
+    uids = output_uids(ctx.uids, job_id, job["series_uid"], version)
+    out = work / f"v{version}" / f"{uids['seg_sop']}.dcm"
+    if not out.exists():
+        seg = build_segmentation(
+            headers,
+            refined,
+            ctx.segments,
+            model_id=s.models.model_id,
+            model_version=ctx.model_version,
+            series_uid=uids["seg_series"],
+            sop_uid=uids["seg_sop"],
+            series_number=s.outputs.series_number_base + 10 + version,
+            kind=SegKind.REFINED,
+            version=version,
+            keep_empty_frames=s.outputs.keep_empty_frames,
+            uid_root=s.outputs.uid_root,
+        )
+        _write_dataset(seg, out)
+    ctx.register_outputs(job_id, version, [OutputFile(uids["seg_sop"], "seg", uids["seg_series"], out)])
+    timings[f"export_v{version}"] = _timed(ctx, "export", t0)
+    applied.append(correction_sop_uid)
+    data["applied_corrections"] = applied
+    data["refined_versions"] = sorted(set(data.get("refined_versions", [])) | {version})
+    data["reviewed"] = {str(a): v for a, v in reviewed.items()}
+    data["timings"] = timings
+    store.set_job_state(job_id, JobState.DONE, data=data, version=version, reason=f"refined v{version} exported")
+    store.set_correction(correction_sop_uid, "applied", job_id=job_id)
+    log.info("job %d: refined v%d exported", job_id, version)
+    return version

@@ -1,0 +1,133 @@
+"""The job runner: one job at a time per device, bounded retries, reasons a human can act on.
+
+:meth:`JobRunner.run_once` is called by the scheduler's single-worker ``models``
+executor (so heavy model work never overlaps) and directly by tests.  Corrected SEGs
+are handled before new presegmentation jobs: a radiologist waiting for a refinement
+is the more urgent customer.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+
+from node.pipeline import (
+    PermanentJobError,
+    PipelineContext,
+    ingest_correction,
+    run_refinement,
+    run_segmentation,
+)
+from node.store import JobState
+
+__all__ = ["JobRunner", "RunSummary"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    """What one :meth:`JobRunner.run_once` did."""
+
+    segmented: int = 0
+    refined: int = 0
+    failed: int = 0
+    retried: int = 0
+    unmatched: int = 0
+
+
+class JobRunner:
+    """Runs queued jobs and pending corrections, one at a time.
+
+    Parameters
+    ----------
+    ctx
+        The pipeline context.
+    max_attempts
+        Attempts per job before it is marked ``failed``.
+    retry_delay_s
+        First retry delay; doubles per attempt.
+    """
+
+    def __init__(self, ctx: PipelineContext, *, max_attempts: int = 3, retry_delay_s: float = 30.0) -> None:
+        self.ctx = ctx
+        self.max_attempts = max_attempts
+        self.retry_delay_s = retry_delay_s
+
+    def run_once(self, now: float | None = None) -> RunSummary:
+        """Process every pending correction, then every due queued job."""
+        summary = RunSummary()
+        store = self.ctx.store
+        while True:
+            pending = store.corrections(["pending"])
+            if pending:
+                self._correction(pending[0]["sop_uid"], summary)
+                continue
+            job = store.next_queued_job(time.time() if now is None else now)
+            if job is None:
+                return summary
+            self._segment(int(job["id"]), summary)
+
+    def _segment(self, job_id: int, summary: RunSummary) -> None:
+        store = self.ctx.store
+        try:
+            run_segmentation(self.ctx, job_id)
+            summary.segmented += 1
+        except PermanentJobError as exc:
+            store.set_job_state(job_id, JobState.FAILED, reason=str(exc))
+            log.error("job %d failed: %s (input kept)", job_id, exc)
+            summary.failed += 1
+        except Exception as exc:  # retried: model, disk or transient failures
+            job = store.job(job_id)
+            attempts = int(job["attempts"]) if job else self.max_attempts
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("job %d attempt %d failed: %s\n%s", job_id, attempts, reason, traceback.format_exc(limit=5))
+            if attempts >= self.max_attempts:
+                store.set_job_state(job_id, JobState.FAILED, reason=f"gave up after {attempts} attempts: {reason}")
+                summary.failed += 1
+            else:
+                delay = self.retry_delay_s * 2 ** (attempts - 1)
+                store.set_job_state(
+                    job_id,
+                    JobState.QUEUED,
+                    reason=f"attempt {attempts} failed ({reason}); retrying in {delay:.0f} s",
+                    not_before=time.time() + delay,
+                )
+                summary.retried += 1
+
+    def _correction(self, sop_uid: str, summary: RunSummary) -> None:
+        store = self.ctx.store
+        try:
+            job_id = ingest_correction(self.ctx, sop_uid)
+        except Exception as exc:
+            store.set_correction(sop_uid, "rejected", reason=f"cannot read: {type(exc).__name__}: {exc}")
+            log.error("corrected SEG %s rejected: %s", sop_uid, exc)
+            return
+        if job_id is None:
+            summary.unmatched += 1
+            return
+        job = store.job(job_id)
+        previous = JobState(job["state"]) if job else JobState.AWAITING_CORRECTION
+        try:
+            run_refinement(self.ctx, job_id, sop_uid)
+            summary.refined += 1
+        except PermanentJobError as exc:
+            store.set_correction(sop_uid, "rejected", job_id=job_id, reason=str(exc))
+            store.set_job_state(job_id, previous, reason=f"corrected SEG rejected: {exc}")
+            summary.failed += 1
+        except Exception as exc:
+            data = store.job_data(job_id)
+            failures = int(data.get("refine_failures", 0)) + 1
+            data["refine_failures"] = failures
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("job %d refinement failed: %s\n%s", job_id, reason, traceback.format_exc(limit=5))
+            if failures >= self.max_attempts:
+                store.set_correction(sop_uid, "failed", job_id=job_id, reason=f"gave up after {failures} attempts: {reason}")
+                store.set_job_state(job_id, previous, data=data, reason=f"refinement failed: {reason}")
+                summary.failed += 1
+            else:
+                store.set_correction(sop_uid, "pending", job_id=job_id, reason=f"attempt {failures} failed: {reason}")
+                store.set_job_state(job_id, previous, data=data, reason=f"refinement attempt {failures} failed; retrying")
+                summary.retried += 1
+                time.sleep(min(self.retry_delay_s, 5.0))
