@@ -1,0 +1,219 @@
+"""Key Object Selection: the slices the node asks a radiologist to correct.
+
+The KOS references, for each pick, the image a viewer can open directly: the
+source instance for an axial pick, the derived MPR image (see
+:mod:`dicom.mpr`) for a coronal or sagittal pick; it also references the AI
+SEG to edit.  A TEXT item (Key Object Description) lists every slice in plain
+words, ranked by uncertainty.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+
+from dicom.codes import OF_INTEREST
+from dicom.mpr import locate_reformatted_image
+from dicom.seg_writer import MANUFACTURER, SourceGeometry
+
+__all__ = ["SlicePick", "build_key_object_selection", "describe_picks"]
+
+_AXIS_NAMES = {0: "axial", 1: "coronal", 2: "sagittal"}
+_AXIS_COORD = {0: "z", 1: "y", 2: "x"}
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class SlicePick:
+    """One slice selected for review.
+
+    Parameters
+    ----------
+    axis : int
+        0 axial (source slice), 1 coronal, 2 sagittal (volume axes, contracts.md).
+    index : int
+        0-based index along ``axis`` in the sorted volume.
+    position_mm : float
+        Position of the slice along ``axis`` in mm (for the text).
+    rank : int
+        1-based rank by uncertainty (1 = most uncertain), over all picks.
+    uncertainty : float
+        Slice uncertainty score (for the text).
+    """
+
+    axis: int
+    index: int
+    position_mm: float
+    rank: int
+    uncertainty: float
+
+    def __post_init__(self) -> None:
+        if self.axis not in _AXIS_NAMES:
+            raise ValueError(f"axis must be 0, 1 or 2, got {self.axis!r}")
+        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
+            raise ValueError(f"index must be a non-negative int, got {self.index!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        for name in ("position_mm", "uncertainty"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}")
+
+
+def describe_picks(picks: Sequence[SlicePick], shape: Sequence[int], images: Sequence[Dataset] | None = None) -> str:
+    """Plain-language list of the slices to review, in rank order.
+
+    Parameters
+    ----------
+    picks : Sequence[SlicePick]
+        The picks.
+    shape : Sequence[int]
+        ``(z, y, x)`` volume shape (for "slice i of n").
+    images : Sequence[pydicom.dataset.Dataset] or None
+        The referenced image per pick (same order), to name its series and
+        image number as a viewer shows them.
+
+    Returns
+    -------
+    str
+        One line per pick, e.g. ``"Please review axial slice 15 of 32 (index 14,
+        z = 35.0 mm; series 1, image 18), rank 1 of 9, uncertainty 0.412."``
+    """
+    order = sorted(range(len(picks)), key=lambda i: (picks[i].rank, picks[i].axis, picks[i].index))
+    total = len(picks)
+    lines = [f"i3node asks for review of {total} slice(s), most uncertain first (AI output, research use):"]
+    for i in order:
+        p = picks[i]
+        where = ""
+        if images is not None:
+            img = images[i]
+            where = f"; series {img.get('SeriesNumber', '?')}, image {img.get('InstanceNumber', '?')}"
+        lines.append(
+            f"Please review {_AXIS_NAMES[p.axis]} slice {p.index + 1} of {shape[p.axis]} "
+            f"(index {p.index}, {_AXIS_COORD[p.axis]} = {p.position_mm:.1f} mm{where}), "
+            f"rank {p.rank} of {total}, uncertainty {p.uncertainty:.3f}."
+        )
+    lines.append("Correct these slices in the referenced AI segmentation and save it as a new segmentation.")
+    return "\n".join(lines)
+
+
+def build_key_object_selection(
+    source_datasets: Sequence[Dataset],
+    picks: Sequence[SlicePick],
+    seg: Dataset,
+    mpr_datasets: Sequence[Dataset] = (),
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    title: Code = OF_INTEREST,
+    instance_number: int = 1,
+    series_description: str = "AI slices to review (research use)",
+) -> hd.ko.KeyObjectSelectionDocument:
+    """Build a KOS that references the slices to correct and the AI SEG.
+
+    Parameters
+    ----------
+    source_datasets : Sequence[pydicom.dataset.Dataset]
+        The source series, any order (metadata suffices).
+    picks : Sequence[SlicePick]
+        Slices to review; axial picks reference source instances, coronal and
+        sagittal picks the matching image of ``mpr_datasets``.
+    seg : pydicom.dataset.Dataset
+        The AI Segmentation to edit (same study and frame of reference).
+    mpr_datasets : Sequence[pydicom.dataset.Dataset]
+        Derived reformatted images; matched to picks by geometry
+        (:func:`dicom.mpr.locate_reformatted_image`), any order.
+    series_uid, sop_uid : str
+        UIDs of the new KOS series and instance.
+    series_number : int
+        SeriesNumber of the KOS series.
+    title : pydicom.sr.coding.Code
+        Document title (CID 7010), default (113000, DCM, "Of Interest").
+    instance_number : int
+        InstanceNumber.
+    series_description : str
+        SeriesDescription.
+
+    Returns
+    -------
+    highdicom.ko.KeyObjectSelectionDocument
+        The document (not yet written).
+
+    Raises
+    ------
+    ValueError
+        If an argument is malformed or a pick has no image to reference (the
+        message names the argument).
+    """
+    geometry = SourceGeometry.from_datasets(source_datasets)
+    if not picks:
+        raise ValueError("picks must not be empty")
+    if not all(isinstance(p, SlicePick) for p in picks):
+        raise ValueError("picks must be SlicePick instances")
+    if not isinstance(title, Code):
+        raise ValueError("title must be a pydicom.sr.coding.Code")
+    for name, value in (("series_uid", series_uid), ("sop_uid", sop_uid)):
+        if not isinstance(value, str) or len(value) > 64 or not _UID_RE.fullmatch(value):
+            raise ValueError(f"{name} must be a DICOM UID, got {value!r}")
+    if not isinstance(series_number, int) or series_number < 0:
+        raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
+    if not isinstance(seg, Dataset) or str(seg.get("Modality", "")) != "SEG":
+        raise ValueError("seg must be a Segmentation dataset (Modality SEG)")
+    if str(seg.StudyInstanceUID) != geometry.study_uid:
+        raise ValueError("seg must belong to the study of source_datasets")
+    if str(seg.get("FrameOfReferenceUID", "")) != geometry.frame_of_reference_uid:
+        raise ValueError("seg must share the FrameOfReferenceUID of source_datasets")
+
+    mpr_by_location: dict[tuple[int, int], Dataset] = {}
+    for i, ds in enumerate(mpr_datasets):
+        if str(ds.get("StudyInstanceUID", "")) != geometry.study_uid:
+            raise ValueError(f"mpr_datasets[{i}] belongs to another study")
+        location = locate_reformatted_image(ds, geometry.datasets)
+        if location is None:
+            raise ValueError(f"mpr_datasets[{i}] is not a coronal/sagittal reformat of source_datasets")
+        mpr_by_location[(int(location[0]), location[1])] = ds
+
+    images: list[Dataset] = []
+    for i, pick in enumerate(picks):
+        n = geometry.shape[pick.axis]
+        if pick.index >= n:
+            raise ValueError(f"picks[{i}].index {pick.index} is outside 0..{n - 1} along axis {pick.axis}")
+        if pick.axis == 0:
+            images.append(geometry.datasets[pick.index])
+        else:
+            image = mpr_by_location.get((pick.axis, pick.index))
+            if image is None:
+                raise ValueError(
+                    f"mpr_datasets has no {_AXIS_NAMES[pick.axis]} image at index {pick.index} for picks[{i}]"
+                )
+            images.append(image)
+
+    referenced: list[Dataset] = []
+    seen: set[str] = set()
+    order = sorted(range(len(picks)), key=lambda i: (picks[i].rank, picks[i].axis, picks[i].index))
+    for ds in [*(images[i] for i in order), seg]:
+        uid = str(ds.SOPInstanceUID)
+        if uid not in seen:
+            seen.add(uid)
+            referenced.append(ds)
+
+    content = hd.ko.KeyObjectSelection(
+        document_title=title,
+        referenced_objects=referenced,
+        description=describe_picks(picks, geometry.shape, images),
+    )
+    return hd.ko.KeyObjectSelectionDocument(
+        evidence=referenced,
+        content=content,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        series_description=series_description,
+    )
