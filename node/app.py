@@ -11,10 +11,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
+from dicom.codes import SegmentSpec, default_segment_specs, load_segment_specs
 from dicom.scp import ScpConfig, StoredInstance, StoreSCP
 from node import systemd
+from node.exporter import Exporter, register_outputs
+from node.pipeline import SEG_SOP_CLASS, PipelineContext, Refiner, Segmenter
+from node.runner import JobRunner
 from node.settings import Settings
 from node.store import InstanceRecord, Store
 from node.studies import sweep_stable_studies
@@ -46,11 +50,16 @@ def allowed_callers_map(entries: tuple[str, ...]) -> Mapping[str, frozenset[str]
 
 
 class StoreSink:
-    """Adapter from the SCP's stored-instance callback to the state store."""
+    """Adapter from the SCP's stored-instance callback to the state store.
 
-    def __init__(self, store: Store, on_new: "callable[[StoredInstance], None] | None" = None) -> None:  # type: ignore[valid-type]
+    A newly received Segmentation that this node did not create (by recorded SOP
+    Instance UID, not by free text) is registered as a pending correction and
+    ``on_correction`` is called so the job runner wakes up.
+    """
+
+    def __init__(self, store: Store, on_correction: Callable[[], None] | None = None) -> None:
         self._store = store
-        self._on_new = on_new
+        self._on_correction = on_correction
 
     def record(self, inst: StoredInstance) -> None:
         """Commit the instance's row; raises if it cannot be committed."""
@@ -69,8 +78,11 @@ class StoreSink:
                 instance_number=inst.instance_number,
             )
         )
-        if outcome.new and self._on_new is not None:
-            self._on_new(inst)
+        if outcome.new and inst.sop_class_uid == SEG_SOP_CLASS and not self._store.is_own_output(inst.sop_uid):
+            if self._store.add_correction(inst.sop_uid, inst.series_uid):
+                log.info("corrected SEG %s received from %s", inst.sop_uid, inst.calling_ae)
+                if self._on_correction is not None:
+                    self._on_correction()
 
 
 @dataclass
@@ -81,6 +93,8 @@ class App:
     store: Store
     scp: StoreSCP
     scheduler: NodeScheduler
+    runner: JobRunner
+    exporter: Exporter
     _stop: threading.Event = field(default_factory=threading.Event)
     _started: bool = False
 
@@ -100,8 +114,13 @@ class App:
         """Start receiving and the periodic work; returns immediately."""
         for d in (self.settings.spool_dir, self.settings.outputs_dir):
             d.mkdir(parents=True, exist_ok=True)
+        resumed = self.store.resume_unfinished()
+        if resumed:
+            log.info("resuming %d unfinished job(s) after restart: %s", len(resumed), resumed)
         self.scp.start()
         self.scheduler.every("sweep", self.settings.study.sweep_interval_s, self.sweep)
+        self.scheduler.every("jobs", 1.0, self.runner.run_once, executor="models")
+        self.scheduler.every("export", 1.0, self.exporter.run_once)
         self.scheduler.start()
         self._started = True
         log.info(
@@ -134,9 +153,79 @@ class App:
             self.stop()
 
 
+class LazyModels:
+    """Loads the nnU-Net models on first use (startup stays fast; a missing model fails the job, not the node).
+
+    Empty ``models.preseg_dir`` / ``models.refine_dir`` fall back to the tiny demo
+    models, built into ``models.cache_dir`` on first use.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._segmenter: Segmenter | None = None
+        self._refiner: Refiner | None = None
+
+    def _dirs(self) -> tuple[Path, Path]:
+        m = self._settings.models
+        if m.preseg_dir and m.refine_dir:
+            return Path(m.preseg_dir), Path(m.refine_dir)
+        from models.demo import build_demo_models
+
+        log.info("no model folders configured: using the demo models in %s", self._settings.model_cache_dir)
+        demo = build_demo_models(self._settings.model_cache_dir)
+        if demo.refine_dir is None:
+            raise RuntimeError("the demo models have no refinement model")
+        return Path(m.preseg_dir or demo.preseg_dir), Path(m.refine_dir or demo.refine_dir)
+
+    def _device(self) -> str | None:
+        d = self._settings.models.device
+        return None if d == "auto" else d
+
+    def segmenter(self) -> Segmenter:
+        """The presegmentation ensemble."""
+        with self._lock:
+            if self._segmenter is None:
+                from models.nnunet import EnsemblePredictor
+
+                preseg, _ = self._dirs()
+                self._segmenter = EnsemblePredictor(preseg, device=self._device(), tta=self._settings.models.tta)
+            return self._segmenter
+
+    def refiner(self) -> Refiner:
+        """The refinement model."""
+        with self._lock:
+            if self._refiner is None:
+                from models.refinement import RefinementModel
+
+                _, refine = self._dirs()
+                self._refiner = RefinementModel(refine, device=self._device())
+            return self._refiner
+
+
+def load_segments(settings: Settings) -> tuple[SegmentSpec, ...]:
+    """Segment labels and codes per class: the configured TOML file, else the defaults."""
+    f = settings.outputs.segments_file
+    return tuple(load_segment_specs(f)) if f else default_segment_specs()
+
+
 def build_app(settings: Settings) -> App:
     """Compose a node from its settings (the only place that does so)."""
     store = Store(settings.database_url)
+    scheduler = NodeScheduler()
+    models = LazyModels(settings)
+    ctx = PipelineContext(
+        store=store,
+        settings=settings,
+        segments=load_segments(settings),
+        segmenter=models.segmenter,
+        refiner=models.refiner,
+        register_outputs=lambda job_id, version, files: register_outputs(
+            store, job_id, version, files, settings.destinations, time.time()
+        ),
+    )
+    runner = JobRunner(ctx)
+    exporter = Exporter(store, settings.destinations, settings.delivery)
     d = settings.dicom
     scp_config = ScpConfig(
         ae_title=d.ae_title,
@@ -150,5 +239,5 @@ def build_app(settings: Settings) -> App:
         dimse_timeout=d.dimse_timeout_s,
         network_timeout=d.network_timeout_s,
     )
-    scp = StoreSCP(scp_config, StoreSink(store))
-    return App(settings=settings, store=store, scp=scp, scheduler=NodeScheduler())
+    scp = StoreSCP(scp_config, StoreSink(store, on_correction=lambda: scheduler.wake("jobs")))
+    return App(settings=settings, store=store, scp=scp, scheduler=scheduler, runner=runner, exporter=exporter)

@@ -34,6 +34,7 @@ from dicom.seg_writer import SegKind, build_segmentation
 from dicom.spool import durable_write
 from models.acquisition import select_slices, select_slices_uss, slice_scores
 from models.uncertainty import EnsembleAccumulator
+from node.exporter import OutputFile
 from node.settings import Settings
 from node.store import JobState, Store
 
@@ -77,16 +78,6 @@ class Refiner(Protocol):
     ) -> np.ndarray:
         """Return ``uint8 (z, y, x)`` labels with reviewed voxels equal to the expert's."""
         ...
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    """An object the node wrote and must deliver."""
-
-    sop_uid: str
-    kind: str  # seg | kos | mpr
-    series_uid: str
-    path: Path
 
 
 class PermanentJobError(Exception):
@@ -207,6 +198,21 @@ def merge_corrections(
     expert = expert.copy()
     expert[new_reviewed] = new_labels[new_reviewed]
     return expert, reviewed | new_reviewed
+
+
+KOS_TITLES = {
+    "113000": "Of Interest",
+    "113004": "For Teaching",
+    "113008": "For Peer Review",
+    "113009": "For Research",
+}
+
+
+def kos_title_code(value: str) -> Any:
+    """The DCM code of a Key Object Selection document title (CID 7010)."""
+    from pydicom.sr.coding import Code
+
+    return Code(value, "DCM", KOS_TITLES[value])
 
 
 # -- I/O helpers -----------------------------------------------------------------------
@@ -375,7 +381,6 @@ def _export_presegmentation(
             uid_root=s.outputs.uid_root,
             series_number=base + 2 + axis,
             series_description=f"AI review {AXIS_NAMES[axis]} slices (research use)",
-            sop_uids=[ctx.uids.derive(str(job_id), volume.series_instance_uid, "mpr", str(axis), str(i)) for i in indices],
         )
         for ds in images:
             path = outdir / f"{ds.SOPInstanceUID}.dcm"
@@ -399,9 +404,8 @@ def _export_presegmentation(
             mpr_datasets,
             series_uid=uids["kos_series"],
             sop_uid=uids["kos_sop"],
-            uid_root=s.outputs.uid_root,
             series_number=base + 2,
-            title_code=s.outputs.kos_title,
+            title=kos_title_code(s.outputs.kos_title),
         )
         _write_dataset(kos, kos_path)
     files.append(OutputFile(uids["kos_sop"], "kos", uids["kos_series"], kos_path))

@@ -163,7 +163,7 @@ class OutputSettings:
 
     uid_root: str = _f("1.2.826.0.1.3680043.10.1234", "UID root for every UID the node creates.", pattern=_UID_ROOT_RE, pattern_doc="digits separated by dots")
     keep_empty_frames: bool = _f(True, "Write a SEG frame for every source slice, empty or not (widest viewer compatibility).")
-    kos_title: str = _f("113000", "Code value (DCM) of the Key Object Selection title.", choices=("113000", "113001", "113003", "113004"))
+    kos_title: str = _f("113000", "Code value (DCM, CID 7010) of the Key Object Selection title: 113000 Of Interest, 113004 For Teaching, 113008 For Peer Review, 113009 For Research.", choices=("113000", "113004", "113008", "113009"))
     series_number_base: int = _f(9000, "SeriesNumber of the first output series.", minimum=1)
     segments_file: str = _f("", "TOML file with segment labels and codes per class; empty = built-in defaults.")
 
