@@ -171,7 +171,7 @@ def random_walker_refine(
         img = ndimage.gaussian_filter(img, smooth_sigma)
     markers = np.zeros(img.shape, dtype=np.int32)
     markers[mask] = labels[mask] + 1
-    result = random_walker(img, markers, beta=beta, mode="cg_j", tol=1e-3, channel_axis=None)
+    result = random_walker(img, markers, beta=beta, mode="cg_j", tol=1e-4, channel_axis=None)
     return _finish(np.asarray(result) - 1, labels, mask)
 
 
