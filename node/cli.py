@@ -120,8 +120,14 @@ def cmd_send(args: argparse.Namespace) -> int:
     except AssociationFailed as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
-    sys.stdout.write(report.summary() + "\n")
-    return 0 if report.failed == 0 else 1
+    sys.stdout.write(
+        f"sent {len(report.results)} file(s) to {args.to}: {report.n_success} success, "
+        f"{report.n_warning} warning, {report.n_failure} failure\n"
+    )
+    for r in report.failures:
+        status = "no status" if r.status is None else f"0x{r.status:04X}"
+        sys.stdout.write(f"  FAILED {r.source} ({status}): {r.message}\n")
+    return 0 if report.ok else 1
 
 
 def cmd_echo(args: argparse.Namespace) -> int:

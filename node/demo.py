@@ -1,24 +1,40 @@
-"""``i3node demo``: the node on loopback with embedded defaults, end to end.
+"""``i3node demo``: the whole i3Deep loop on loopback with embedded defaults and tiny models.
 
-The demo plays every role around the node with real DICOM over 127.0.0.1:
-a PACS that sends a synthetic CT study, and (once the node produces outputs) a
-viewer that receives them.  It ends by itself and leaves its state, the report and
-the pictures under ``workdir``.
+Every role around the node is played with real DICOM over 127.0.0.1:
+
+* a **PACS** sends a synthetic CT study (seeded phantom with ground truth);
+* a **viewer** (a storage SCP) receives the AI SEG, the key-image note (KOS) and the
+  derived MPR images;
+* a **radiologist** reads the KOS, corrects exactly the slices it names from the
+  phantom's ground truth, and the viewer saves the edit the way viewers do (a new
+  SEG series, MANUAL, empty frames omitted, segments renumbered) and sends it back;
+* the node refines and the viewer receives "AI refined v2".
+
+The demo ends by itself, stops everything it started, and leaves its state, the
+report and a PNG under ``workdir``.
 """
 from __future__ import annotations
 
-import dataclasses
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
-from node.settings import Settings, default_settings
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
 
-__all__ = ["DemoReport", "run_demo", "demo_settings"]
+from dicom.scp import ScpConfig, StoredInstance, StoreSCP
+from node.settings import Settings, settings_from_mapping
+
+__all__ = ["DemoReport", "run_demo", "demo_settings", "ViewerInbox", "slices_named_by_kos", "viewer_style_seg"]
 
 Progress = Callable[..., None]
+KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+DEFAULT_SIZE = (32, 64, 64)
 
 
 @dataclass
@@ -26,38 +42,83 @@ class DemoReport:
     """What the demo measured; :meth:`render` gives the text shown to the user."""
 
     workdir: Path
-    study_uid: str = ""
+    size: tuple[int, int, int] = DEFAULT_SIZE
     n_sent: int = 0
     n_received: int = 0
-    jobs: list[tuple[int, str, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    status_text: str = ""
+    picks: list[dict[str, Any]] = field(default_factory=list)
+    dice_preseg: dict[str, float] = field(default_factory=dict)
+    dice_refined: dict[str, float] = field(default_factory=dict)
+    annotation_ratio: float = float("nan")
+    axial_fg_slices: int = 0
+    png: Path | None = None
     ok: bool = False
     problems: list[str] = field(default_factory=list)
 
     def render(self) -> str:
         """A short human-readable report."""
         lines = ["", "i3node demo report", "==================", f"workdir: {self.workdir}"]
-        lines.append(f"study {self.study_uid}: sent {self.n_sent} instances, node recorded {self.n_received}")
+        z, y, x = self.size
+        lines.append(f"study: synthetic CT {z} slices of {y}x{x}; sent {self.n_sent}, node stored {self.n_received}")
+        lines.append("")
+        lines.append("timings")
         for name, secs in self.timings.items():
-            lines.append(f"  {name:<32} {secs:7.2f} s")
-        for jid, series_uid, state in self.jobs:
-            lines.append(f"job {jid}: series {series_uid} -> {state}")
-        if self.status_text:
-            lines += ["", "i3node status:", self.status_text]
+            lines.append(f"  {name:<44} {secs:8.2f} s")
+        if self.picks:
+            by_axis: dict[str, list[int]] = {}
+            for p in self.picks:
+                by_axis.setdefault(p["orientation"], []).append(p["index"])
+            lines.append("")
+            lines.append(f"slices the node asked for ({len(self.picks)}):")
+            for name, idx in by_axis.items():
+                lines.append(f"  {name:<9} {', '.join(map(str, idx))}")
+        if self.dice_preseg:
+            lines.append("")
+            lines.append("Dice vs ground truth     presegmentation   refined v2")
+            for cls in self.dice_preseg:
+                lines.append(f"  {cls:<22} {self.dice_preseg[cls]:15.3f} {self.dice_refined.get(cls, float('nan')):12.3f}")
+            lines.append(
+                f"Annotation Ratio: {len(self.picks)} slices asked / {self.axial_fg_slices} axial slices with "
+                f"foreground = {self.annotation_ratio:.2f}"
+            )
+        if self.png is not None:
+            lines.append(f"picture: {self.png}")
         lines.append("")
         lines.append("RESULT: " + ("OK" if self.ok else "FAILED: " + "; ".join(self.problems)))
         return "\n".join(lines)
 
 
-def demo_settings(workdir: Path) -> Settings:
+class ViewerInbox:
+    """Sink of the viewer stand-in: remembers every instance it was sent."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.instances: list[StoredInstance] = []
+
+    def record(self, inst: StoredInstance) -> None:
+        """Called by the SCP after the file is on disk."""
+        with self._lock:
+            self.instances.append(inst)
+
+    def of_class(self, sop_class_uid: str) -> list[StoredInstance]:
+        """Received instances of one SOP class."""
+        with self._lock:
+            return [i for i in self.instances if i.sop_class_uid == sop_class_uid]
+
+
+def demo_settings(workdir: Path, viewer_port: int, preseg_dir: Path, refine_dir: Path) -> Settings:
     """Embedded defaults, with state under ``workdir``, an ephemeral port and a short stability wait."""
-    s = default_settings(
-        node={"state_dir": str(workdir / "state")},
-        dicom={"port": 0, "min_free_mb": 64},
-        study={"stable_after_s": 2.0, "sweep_interval_s": 0.5},
+    return settings_from_mapping(
+        {
+            "node": {"state_dir": str(workdir / "node")},
+            "dicom": {"port": 0, "min_free_mb": 64},
+            "study": {"stable_after_s": 2.0, "sweep_interval_s": 0.5},
+            "models": {"preseg_dir": str(preseg_dir), "refine_dir": str(refine_dir), "device": "cpu"},
+            "destinations": [{"ae_title": "VIEWER", "host": "127.0.0.1", "port": viewer_port}],
+            "delivery": {"backoff_initial_s": 1.0, "backoff_max_s": 5.0},
+        },
+        base_dir=Path.cwd(),
     )
-    return dataclasses.replace(s, base_dir=Path.cwd())
 
 
 def _wait(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
@@ -69,58 +130,291 @@ def _wait(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0
     return predicate()
 
 
+def slices_named_by_kos(kos: Dataset, source: Sequence[Dataset], images: Sequence[Dataset]) -> dict[int, list[int]]:
+    """The slices a key-image note asks to review, as ``axis -> indices``.
+
+    Axial picks reference source instances (index = position in the sorted series);
+    coronal/sagittal picks reference derived MPR images, located by geometry.
+    """
+    from dicom.mpr import locate_reformatted_image
+    from dicom.series import sort_datasets
+
+    order = {str(ds.SOPInstanceUID): k for k, ds in enumerate(sort_datasets(list(source)))}
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in images}
+    named: dict[int, set[int]] = {}
+
+    def walk(items: Any) -> None:
+        for item in items or []:
+            for ref in getattr(item, "ReferencedSOPSequence", []) or []:
+                uid = str(ref.ReferencedSOPInstanceUID)
+                if uid in order:
+                    named.setdefault(0, set()).add(order[uid])
+                elif uid in by_uid:
+                    loc = locate_reformatted_image(by_uid[uid], source)
+                    if loc is not None:
+                        named.setdefault(int(loc[0]), set()).add(int(loc[1]))
+            walk(getattr(item, "ContentSequence", None))
+
+    walk(kos.ContentSequence)
+    return {a: sorted(v) for a, v in sorted(named.items())}
+
+
+def viewer_style_seg(
+    source: Sequence[Dataset], labels: np.ndarray, segments: Sequence[Any], *, series_uid: str, sop_uid: str
+) -> Dataset:
+    """Save an edited label map the way a viewer does.
+
+    A new SEG series, MANUAL, empty frames omitted, segments renumbered (listed in
+    reverse order of the node's classes), made with highdicom as OHIF/Slicer-style
+    tools do.
+    """
+    import highdicom as hd
+
+    from dicom.series import sort_datasets
+
+    ordered = sort_datasets(list(source))
+    specs = list(reversed(list(segments)))
+    descriptions = []
+    masks = np.zeros(labels.shape + (len(specs),), dtype=bool)
+    for n, spec in enumerate(specs, start=1):
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=n,
+                segment_label=spec.label,
+                segmented_property_category=spec.category,
+                segmented_property_type=spec.property_type,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+            )
+        )
+        masks[..., n - 1] = labels == spec.label_value
+    return hd.seg.Segmentation(
+        source_images=ordered,
+        pixel_array=masks,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid,
+        series_number=4242,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer="Viewer stand-in",
+        manufacturer_model_name="i3node demo",
+        software_versions="1",
+        device_serial_number="1",
+        series_description="Segmentation (edited)",
+        omit_empty_frames=True,
+    )
+
+
+def _dice_by_class(pred: np.ndarray, gt: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    from models.metrics import dice
+
+    return {names[c]: float(dice(pred, gt, c)) for c in range(1, len(names))}
+
+
 def run_demo(
     workdir: Path,
     *,
     size: tuple[int, int, int] | None = None,
     keep: bool = False,
     progress: Progress | None = None,
+    model_cache: Path | None = None,
+    timeout_s: float = 900.0,
 ) -> DemoReport:
-    """Run the demo and return its report (never raises for a failed step: the report says)."""
-    from dicom.scu import send_paths
+    """Run the whole loop and return its report (a failed step is reported, not raised)."""
+    from models.demo import build_demo_models
     from node.app import build_app
-    from node.cli import status_snapshot, write_synthetic_study
+    from node.cli import write_synthetic_study
 
     say = progress or (lambda *a: None)
     workdir = workdir.resolve()
     if workdir.exists() and not keep:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    report = DemoReport(workdir=workdir)
-    settings = demo_settings(workdir)
-    shape = size or (32, 64, 64)
+    shape = size or DEFAULT_SIZE
+    report = DemoReport(workdir=workdir, size=shape)
 
     t0 = time.monotonic()
-    say(f"writing a synthetic CT study of {shape[0]}x{shape[1]}x{shape[2]} voxels")
-    paths, _gt = write_synthetic_study(workdir / "study", seed=7, shape=shape)
-    report.n_sent = len(paths)
-    report.timings["make synthetic study"] = time.monotonic() - t0
+    say("preparing the tiny demo models (trained once on synthetic phantoms, then cached)")
+    cache = model_cache or (Path.cwd() / ".cache" / "demo-models")
+    models = build_demo_models(cache, progress=say)
+    report.timings["demo models ready (cached after first run)"] = time.monotonic() - t0
+    if models.refine_dir is None:
+        report.problems.append("the demo models have no refinement model")
+        return report
 
+    paths, gt_file = write_synthetic_study(workdir / "study", seed=7, shape=shape)
+    with np.load(gt_file) as z:
+        gt = z["labels"]
+        class_names = [str(c) for c in z["class_names"]]
+    report.n_sent = len(paths)
+    source = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+
+    inbox = ViewerInbox()
+    viewer = StoreSCP(
+        ScpConfig(ae_title="VIEWER", host="127.0.0.1", port=0, spool_dir=workdir / "viewer", min_free_bytes=0),
+        inbox,
+    )
+    viewer.start()
+    settings = demo_settings(workdir, viewer.port, models.preseg_dir, models.refine_dir)
     app = build_app(settings)
     app.start()
     try:
-        say(f"node listening as {settings.dicom.ae_title} on 127.0.0.1:{app.port}; PACS stand-in sends the study")
-        t0 = time.monotonic()
-        sent = send_paths(paths, ae_title=settings.dicom.ae_title, host="127.0.0.1", port=app.port, calling_ae="DEMO_PACS")
-        report.timings["C-STORE study to node"] = time.monotonic() - t0
-        if sent.failed:
-            report.problems.append(f"{sent.failed} instance(s) were refused by the node")
-        report.n_received = app.store.count_instances()
-        report.study_uid = app.store.studies()[0]["study_uid"] if app.store.studies() else ""
-        t0 = time.monotonic()
-        say(f"waiting for the study to become stable ({settings.study.stable_after_s:.0f} s without new instances)")
-        if not _wait(lambda: bool(app.store.jobs()), settings.study.stable_after_s + 30):
-            report.problems.append("no job was created after the study became stable")
-        report.timings["study stable -> job queued"] = time.monotonic() - t0
-        report.jobs = [(j["id"], j["series_uid"], j["state"]) for j in app.store.jobs()]
+        _loop(app, inbox, settings, paths, source, gt, class_names, report, say, timeout_s)
     finally:
+        say("stopping the node and the viewer stand-in")
         app.stop()
-
-    snap = status_snapshot(settings)
-    report.status_text = (
-        f"  studies: {len(snap['studies'])}, series: {len(snap['series'])}, jobs: {snap['job_counts']}"
-    )
-    if report.n_received != report.n_sent:
-        report.problems.append(f"node recorded {report.n_received} of {report.n_sent} instances")
+        viewer.stop()
     report.ok = not report.problems
     return report
+
+
+def _loop(app: Any, inbox: ViewerInbox, settings: Settings, paths: list[Path], source: list[Dataset],
+          gt: np.ndarray, class_names: list[str], report: DemoReport, say: Progress, timeout_s: float) -> None:
+    """The loop itself; fills ``report`` and returns at the first failed step."""
+    from dicom.codes import default_segment_specs
+    from dicom.provenance import UidFactory
+    from dicom.scu import send_datasets, send_paths
+    from dicom.seg_reader import read_segmentation
+    from dicom.series import load_series
+    from node.store import JobState
+
+    segments = default_segment_specs()
+    store = app.store
+    say(f"PACS stand-in sends {len(paths)} CT instances to I3NODE@127.0.0.1:{app.port}")
+    t0 = time.monotonic()
+    sent = send_paths(paths, ae_title="I3NODE", host="127.0.0.1", port=app.port, calling_ae="DEMO_PACS")
+    report.timings["C-STORE study -> node"] = time.monotonic() - t0
+    report.n_received = store.count_instances()
+    if not sent.ok:
+        report.problems.append(f"{sent.n_failure} instance(s) refused by the node")
+        return
+
+    say("waiting for the study to become stable, then for the AI SEG and key-image note at the viewer")
+    t0 = time.monotonic()
+    if not _wait(lambda: len(inbox.of_class(KOS_SOP_CLASS)) >= 1 and len(inbox.of_class(SEG_SOP_CLASS)) >= 1, timeout_s):
+        jobs = store.jobs()
+        report.problems.append(f"no SEG+KOS at the viewer (jobs: {[(j['id'], j['state'], j['reason']) for j in jobs]})")
+        return
+    report.timings["last instance -> SEG+KOS at viewer (incl. 2 s wait)"] = time.monotonic() - t0
+    job = store.jobs()[0]
+    data = store.job_data(int(job["id"]))
+    for k, v in data.get("timings", {}).items():
+        report.timings[f"  node: {k}"] = float(v)
+    report.picks = list(data.get("picks", []))
+
+    # The radiologist reads the note in the viewer and corrects exactly the named slices.
+    kos = pydicom.dcmread(inbox.of_class(KOS_SOP_CLASS)[0].path)
+    images = [pydicom.dcmread(i.path, stop_before_pixels=True) for i in inbox.instances
+              if i.sop_class_uid not in (KOS_SOP_CLASS, SEG_SOP_CLASS)]
+    named = slices_named_by_kos(kos, source, images)
+    ai_seg = pydicom.dcmread(inbox.of_class(SEG_SOP_CLASS)[0].path)
+    ai_labels = read_segmentation(ai_seg, source, segments).labels
+    n_named = sum(len(v) for v in named.values())
+    if n_named != len(report.picks):
+        report.problems.append(f"the KOS names {n_named} slices but the node picked {len(report.picks)}")
+    corrected = ai_labels.copy()
+    for axis, indices in named.items():
+        sl: list[Any] = [slice(None)] * 3
+        sl[axis] = indices
+        corrected[tuple(sl)] = gt[tuple(sl)]
+    say(f"radiologist corrects the {n_named} named slices and the viewer sends the edited SEG back")
+    uids = UidFactory("2.25")
+    edit = viewer_style_seg(source, corrected, segments, series_uid=uids.new(), sop_uid=uids.new())
+    t0 = time.monotonic()
+    res = send_datasets([edit], ae_title="I3NODE", host="127.0.0.1", port=app.port, calling_ae="VIEWER")
+    if not res.ok:
+        report.problems.append("the node refused the corrected SEG")
+        return
+    if not _wait(lambda: len(inbox.of_class(SEG_SOP_CLASS)) >= 2, timeout_s):
+        report.problems.append(f"no refined SEG at the viewer (job: {dict(store.job(int(job['id'])) or {})})")
+        return
+    report.timings["corrected SEG sent -> refined SEG at viewer"] = time.monotonic() - t0
+    data = store.job_data(int(job["id"]))
+    for k, v in data.get("timings", {}).items():
+        name = f"  node: {k}"
+        if name not in report.timings:
+            report.timings[name] = float(v)
+    refined_seg = pydicom.dcmread(
+        [i for i in inbox.of_class(SEG_SOP_CLASS) if i.sop_uid != ai_seg.SOPInstanceUID][0].path
+    )
+    refined = read_segmentation(refined_seg, source, segments).labels
+    if "refined v2" not in str(refined_seg.SeriesDescription).lower():
+        report.problems.append(f"unexpected refined series description {refined_seg.SeriesDescription!r}")
+    report.dice_preseg = _dice_by_class(ai_labels, gt, class_names)
+    report.dice_refined = _dice_by_class(refined, gt, class_names)
+    report.axial_fg_slices = int(np.count_nonzero(gt.reshape(gt.shape[0], -1).any(axis=1)))
+    report.annotation_ratio = len(report.picks) / max(1, report.axial_fg_slices)
+    mean_pre = float(np.mean(list(report.dice_preseg.values())))
+    mean_ref = float(np.mean(list(report.dice_refined.values())))
+    if not mean_ref > mean_pre:
+        report.problems.append(f"refinement did not improve mean Dice ({mean_pre:.3f} -> {mean_ref:.3f})")
+    if store.job(int(job["id"]))["state"] != JobState.DONE.value:
+        report.problems.append("the job did not reach 'done'")
+    try:
+        arrays = np.load(settings.outputs_dir / f"job-{job['id']}" / "preseg.npz")
+        volume = load_series(paths).array
+        report.png = write_demo_png(
+            report.workdir / "i3node-demo.png", volume, arrays["uncertainty"], report.picks, gt, ai_labels, refined
+        )
+    except Exception as exc:  # the picture is a convenience; the loop result stands
+        report.problems.append(f"could not draw the PNG: {exc}")
+
+
+def write_demo_png(
+    path: Path,
+    image: np.ndarray,
+    uncertainty: np.ndarray,
+    picks: Sequence[dict[str, Any]],
+    gt: np.ndarray,
+    preseg: np.ndarray,
+    refined: np.ndarray,
+) -> Path:
+    """Uncertainty profile per axis with the chosen slices marked, and before/after overlays."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from models.acquisition import slice_scores
+
+    fig = plt.figure(figsize=(15, 8.5), constrained_layout=True)
+    grid = fig.add_gridspec(2, 4)
+    names = ("axial", "coronal", "sagittal")
+    for axis in range(3):
+        ax = fig.add_subplot(grid[0, axis])
+        s = slice_scores(uncertainty, axis)
+        ax.plot(np.arange(s.size), s, color="0.3", lw=1.5)
+        chosen = [p for p in picks if p["axis"] == axis]
+        for p in chosen:
+            ax.axvline(p["index"], color="tab:red", lw=1, alpha=0.7)
+            ax.text(p["index"], s[p["index"]], str(p["rank"]), color="tab:red", fontsize=8, ha="center", va="bottom")
+        ax.set_title(f"{names[axis]}: slice uncertainty ({len(chosen)} chosen)")
+        ax.set_xlabel("slice index")
+        ax.set_ylabel("sum of voxel entropy")
+    ax = fig.add_subplot(grid[0, 3])
+    ax.axis("off")
+    ax.text(0, 0.5, "red lines: slices the node asks\nthe radiologist to correct\n(number = rank)", fontsize=11)
+
+    axial = [p["index"] for p in picks if p["axis"] == 0]
+    reviewed = set(axial)
+    err_pre = [(np.count_nonzero(preseg[k] != gt[k]), k) for k in range(gt.shape[0]) if k not in reviewed]
+    unreviewed = max(err_pre)[1] if err_pre else 0
+    k = axial[0] if axial else unreviewed
+    panels = [(k, "corrected axial slice"), (unreviewed, "unreviewed axial slice")]
+    lo, hi = -160, 240
+    for col, (idx, label) in enumerate(panels):
+        for sub, (lab, title) in enumerate(((preseg, "AI presegmentation"), (refined, "refined v2"))):
+            ax = fig.add_subplot(grid[1, col * 2 + sub])
+            ax.imshow(image[idx], cmap="gray", vmin=lo, vmax=hi)
+            ax.contour(gt[idx] > 0, levels=[0.5], colors="lime", linewidths=1)
+            ax.contour(gt[idx] == 2, levels=[0.5], colors="lime", linewidths=1, linestyles="dashed")
+            ax.contour(lab[idx] > 0, levels=[0.5], colors="tab:red", linewidths=1)
+            ax.contour(lab[idx] == 2, levels=[0.5], colors="yellow", linewidths=1)
+            ax.set_title(f"{title}\n{label} {idx}", fontsize=10)
+            ax.axis("off")
+    fig.suptitle("i3node demo: green = ground truth, red = organ, yellow = lesion")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
