@@ -537,6 +537,14 @@ class RefinementModel:
                     f"but dataset.json lists {self.n_channels}"
                 )
 
+        props = self.plans.get("foreground_intensity_properties_per_channel", {})
+        missing = [c for c in range(self.n_channels) if str(c) not in props]
+        if missing:
+            raise RefinementModelError(
+                f"{self.model_dir}/plans.json lacks foreground_intensity_properties_per_channel for "
+                f"channel(s) {missing} (nnU-Net's preprocessor needs an entry for every channel)"
+            )
+
     def _configuration(self) -> str:
         name = self.model_dir.name
         parts = name.split("__")
