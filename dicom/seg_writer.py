@@ -354,15 +354,25 @@ def build_segmentation(
         raise ValueError(f"labels must have shape {geometry.shape} (z, y, x) of the source series, got {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
         raise ValueError(f"labels must be an integer array, got dtype {arr.dtype}")
-    present = np.unique(arr)
-    unknown = sorted(set(present.tolist()) - {0, *values})
-    if unknown:
+    if arr.dtype != np.uint8:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"labels must lie in 0..255, got range [{lo}, {hi}]")
+        arr = arr.astype(np.uint8)
+    # Label-map style array of segment numbers 1..n (highdicom expands it to one
+    # frame per segment and slice).  Avoid full-volume passes where possible.
+    if values == list(range(1, len(values) + 1)):
+        segment_numbers = arr
+        invalid = int(arr.max()) > len(values)
+    else:
+        lut = np.zeros(256, dtype=np.uint8)
+        for number, spec in enumerate(specs, start=1):
+            lut[spec.label_value] = number
+        segment_numbers = np.take(lut, arr)
+        invalid = np.count_nonzero(segment_numbers) != np.count_nonzero(arr)
+    if invalid:
+        unknown = sorted(set(np.unique(arr).tolist()) - {0, *values})
         raise ValueError(f"labels contain values {unknown} that are not a label_value of segments")
-
-    # Stacked-segments array (z, y, x, n): one binary plane per segment.
-    stacked = np.zeros((*arr.shape, len(specs)), dtype=np.uint8)
-    for index, spec in enumerate(specs):
-        np.equal(arr, spec.label_value, out=stacked[..., index].view(np.bool_))
 
     if kind is SegKind.PRESEG:
         algorithm_type = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
@@ -381,7 +391,7 @@ def build_segmentation(
 
     seg = hd.seg.Segmentation(
         source_images=list(geometry.datasets),
-        pixel_array=stacked,
+        pixel_array=segment_numbers,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(
             specs, algorithm_type=algorithm_type, model_id=model_id, model_version=model_version
