@@ -258,3 +258,55 @@ def test_import_does_not_pull_in_torch() -> None:
     code = "import sys, models.refinement; print('torch' in sys.modules, 'nnunetv2' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+# ----------------------------------------------------------------------------- training simulation
+
+
+def test_correction_code_matches_encoding() -> None:
+    from models.refinement_training import correction_code
+
+    image, labels = _tiny()
+    reviewed = {0: [1], 2: [0]}
+    code = correction_code(labels, reviewed)
+    assert code.dtype == np.int16
+    enc = encode_corrections(image, labels, reviewed, 3, Encoding.I3DEEP_REVIEWED)
+    np.testing.assert_array_equal(code == 2, enc[1] == 1)
+    np.testing.assert_array_equal(code == 3, enc[2] == 1)
+    np.testing.assert_array_equal(code > 0, enc[3] == 1)
+    # nnU-Net's "outside" label -1 counts as background
+    neg = labels.astype(np.int16)
+    neg[1, 0, 0] = -1
+    assert correction_code(neg, {0: [1]})[1, 0, 0] == 1
+
+
+def test_sample_training_slices_ranges_and_variety() -> None:
+    from models.refinement_training import sample_training_slices
+
+    labels = np.zeros((30, 12, 18), np.uint8)
+    labels[10:14, 4:6, 5:9] = 1
+    rng = np.random.default_rng(0)
+    counts, axes_seen, fg_hits, total = [], set(), 0, 0
+    for _ in range(300):
+        s = sample_training_slices(labels, rng)
+        n = sum(len(v) for v in s.values())
+        counts.append(n)
+        for axis, idx in s.items():
+            axes_seen.add(axis)
+            assert idx == sorted(set(idx))
+            assert all(0 <= i < labels.shape[axis] for i in idx)
+            fg = {0: range(10, 14), 1: range(4, 6), 2: range(5, 9)}[axis]
+            fg_hits += sum(i in fg for i in idx)
+            total += len(idx)
+    k_max = round(np.mean(labels.shape) / 3)
+    assert min(counts) == 0 and max(counts) <= k_max and max(counts) >= k_max - 2
+    assert axes_seen == {0, 1, 2}
+    assert fg_hits / total > 0.4  # p_foreground=0.5 plus chance hits
+    assert sample_training_slices(labels, rng, max_fraction=0.0) == {}
+    only_axial = sample_training_slices(labels, np.random.default_rng(3), axes=(0,), p_foreground=1.0,
+                                        max_fraction=1.0)
+    assert set(only_axial) <= {0} and all(10 <= i < 14 for i in only_axial.get(0, []))
+    with pytest.raises(ValueError, match="max_fraction"):
+        sample_training_slices(labels, rng, max_fraction=2.0)
+    with pytest.raises(ValueError, match="axes"):
+        sample_training_slices(labels, rng, axes=(3,))
