@@ -59,6 +59,7 @@ EVENT_CODES: Mapping[str, tuple[_Code, _Code | None, str]] = {
     "instances_stored": (("110104", "DCM", "DICOM Instances Transferred"), None, "C"),
     "output_delivered": (("110104", "DCM", "DICOM Instances Transferred"), None, "R"),
     "corrected_seg_ingested": (("110103", "DCM", "DICOM Instances Accessed"), None, "U"),
+    "data_purged": (("110105", "DCM", "DICOM Study Deleted"), None, "D"),
     "config_loaded": (("110113", "DCM", "Security Alert"), ("110131", "DCM", "Software Configuration"), "E"),
     "node_started": (("110100", "DCM", "Application Activity"), ("110120", "DCM", "Application Start"), "E"),
     "node_stopped": (("110100", "DCM", "Application Activity"), ("110121", "DCM", "Application Stop"), "E"),
@@ -357,6 +358,29 @@ class AuditLog:
         if study_uid:
             objects.insert(0, {"type": "study", "study_instance_uid": _text(study_uid, 64)})
         return self._write("corrected_seg_ingested", objects=objects, detail={"job_id": int(job_id)})
+
+    def data_purged(self, study_uid: str, instances: int, outputs: int) -> dict[str, Any]:
+        """Retention deleted received instances and/or delivered outputs of a study.
+
+        Parameters
+        ----------
+        study_uid : str
+            Study Instance UID.
+        instances : int
+            Received instances deleted from the spool.
+        outputs : int
+            Delivered outputs deleted.
+
+        Returns
+        -------
+        dict
+            The record written.
+        """
+        return self._write(
+            "data_purged",
+            objects=[{"type": "study", "study_instance_uid": _text(study_uid, 64)}],
+            detail={"instances": int(instances), "outputs": int(outputs)},
+        )
 
     def config_loaded(self, path: str | os.PathLike[str], sha256: str) -> dict[str, Any]:
         """The node's configuration was loaded.
