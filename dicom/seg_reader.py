@@ -392,7 +392,10 @@ def read_segmentation(
         value = mapping.get(int(ident.ReferencedSegmentNumber))
         if value is None:
             continue
-        mask = pixels[f] >= threshold
-        view = labels[k]
-        view[mask & (view < value)] = value
+        frame = pixels[f]
+        if seg_type == "BINARY":
+            candidate = frame * np.uint8(value) if frame.dtype == np.uint8 else (frame != 0).astype(np.uint8) * np.uint8(value)
+        else:
+            candidate = (frame >= threshold).view(np.uint8) * np.uint8(value)
+        np.maximum(labels[k], candidate, out=labels[k])
     return SegReadResult(labels, set(slice_index), mapping, tuple(unknown))
