@@ -8,7 +8,9 @@ every frame by geometry, never by frame order:
 
 1. the per-frame source reference (``DerivationImageSequence`` >
    ``SourceImageSequence`` > ``ReferencedSOPInstanceUID`` in the Per-Frame
-   Functional Groups), when it names one of the source instances;
+   Functional Groups), when it names one of the source instances; if the frame
+   also has a plane position that lies on another slice, the SEG is refused
+   (a broken writer; the corrections would land on the wrong slice);
 2. otherwise the frame's ``PlanePositionSequence`` projected on the slice
    normal, matched to the nearest source slice within 30 % of the slice spacing
    (the in-plane offset must match the source slice as well).

@@ -607,3 +607,25 @@ def test_dciodvfy_reports_errors(ct_case: CtCase) -> None:
     report = dciodvfy(broken)
     assert report.errors and not report.ok
     assert dciodvfy(ct_case.datasets[0]).ok
+
+
+@pytest.mark.parametrize("geometry", [{"descending": True}, {"orientation": OBLIQUE_ORIENTATION}], ids=["descending", "oblique"])
+def test_sorted_order_matches_series_loader(geometry: dict[str, object]) -> None:
+    """The SEG/MPR/KOS builders and dicom.series agree on the z order (contracts.md)."""
+    series = pytest.importorskip("dicom.series")
+    case = make_ct_case(**geometry)  # type: ignore[arg-type]
+    volume = series.load_series(case.datasets)
+    ours = SourceGeometry.from_datasets(case.datasets)
+    assert tuple(volume.sop_instance_uids) == ours.sop_uids
+    assert [ds.SOPInstanceUID for ds in series.sort_datasets(case.datasets)] == list(ours.sop_uids)
+    np.testing.assert_allclose(volume.origin, ours.positions[0], atol=1e-4)
+    np.testing.assert_allclose(volume.spacing, ours.spacing, atol=1e-4)
+    np.testing.assert_array_equal(volume.array, case.image)
+
+
+def test_reference_and_position_disagreeing_is_refused(ct_case: CtCase) -> None:
+    seg = viewer_style_seg(ct_case, [(4, 1, np.ones((24, 28), np.uint8))], LESION_FIRST)
+    other = SourceGeometry.from_datasets(ct_case.datasets).positions[5]
+    seg.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient = [f"{v:.6g}" for v in other]
+    with pytest.raises(SegGeometryError, match="disagree"):
+        read_segmentation(seg, ct_case.datasets, default_segment_specs())
