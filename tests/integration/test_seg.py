@@ -629,3 +629,11 @@ def test_reference_and_position_disagreeing_is_refused(ct_case: CtCase) -> None:
     seg.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient = [f"{v:.6g}" for v in other]
     with pytest.raises(SegGeometryError, match="disagree"):
         read_segmentation(seg, ct_case.datasets, default_segment_specs())
+
+
+@pytest.mark.dciodvfy
+def test_viewer_style_seg_is_itself_valid(ct_case: CtCase) -> None:
+    """The hand-built 'viewer' SEG is a conformant Segmentation, so the reader is tested on valid input."""
+    seg = viewer_style_seg(ct_case, _viewer_frames(ct_case, 1, 2, 0), LESION_FIRST, per_frame_references=False)
+    report = dciodvfy(seg)
+    assert report.errors == [], report.output
