@@ -11,12 +11,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from dicom.codes import SegmentSpec, default_segment_specs, load_segment_specs
 from dicom.scp import ScpConfig, StoredInstance, StoreSCP
 from node import systemd
-from node.exporter import Exporter, register_outputs
+from node.exporter import Exporter, OutputFile, register_outputs
 from node.pipeline import SEG_SOP_CLASS, PipelineContext, Refiner, Segmenter
 from node.runner import JobRunner
 from node.settings import Settings
@@ -214,15 +214,18 @@ def build_app(settings: Settings) -> App:
     store = Store(settings.database_url)
     scheduler = NodeScheduler()
     models = LazyModels(settings)
+
+    def outputs_ready(job_id: int, version: int, files: Sequence[OutputFile]) -> None:
+        register_outputs(store, job_id, version, files, settings.destinations, time.time())
+        scheduler.wake("export")  # deliver now, not at the next poll
+
     ctx = PipelineContext(
         store=store,
         settings=settings,
         segments=load_segments(settings),
         segmenter=models.segmenter,
         refiner=models.refiner,
-        register_outputs=lambda job_id, version, files: register_outputs(
-            store, job_id, version, files, settings.destinations, time.time()
-        ),
+        register_outputs=outputs_ready,
     )
     runner = JobRunner(ctx)
     exporter = Exporter(store, settings.destinations, settings.delivery)
