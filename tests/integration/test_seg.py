@@ -634,6 +634,6 @@ def test_reference_and_position_disagreeing_is_refused(ct_case: CtCase) -> None:
 @pytest.mark.dciodvfy
 def test_viewer_style_seg_is_itself_valid(ct_case: CtCase) -> None:
     """The hand-built 'viewer' SEG is a conformant Segmentation, so the reader is tested on valid input."""
-    seg = viewer_style_seg(ct_case, _viewer_frames(ct_case, 1, 2, 0), LESION_FIRST, per_frame_references=False)
+    seg = viewer_style_seg(ct_case, _viewer_frames(ct_case, 1, 2, 0), LESION_FIRST)
     report = dciodvfy(seg)
     assert report.errors == [], report.output
