@@ -16,6 +16,10 @@ from typing import Any, Callable, Mapping, Sequence
 from dicom.codes import SegmentSpec, default_segment_specs, load_segment_specs
 from dicom.scp import ScpConfig, StoredInstance, StoreSCP
 from node import systemd
+from node.audit import AuditingSink, AuditLog, AuditObserver
+from node.metrics import CountingSink, Metrics, MetricsServer
+from node.retention import purge_once
+from node.tls import client_context, server_context
 from node.exporter import Exporter, OutputFile, register_outputs
 from node.pipeline import SEG_SOP_CLASS, PipelineContext, Refiner, Segmenter
 from node.runner import JobRunner
@@ -95,6 +99,10 @@ class App:
     scheduler: NodeScheduler
     runner: JobRunner
     exporter: Exporter
+    audit: AuditLog | None = None
+    metrics: Metrics | None = None
+    audit_sink: AuditingSink | None = None
+    _metrics_server: MetricsServer | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _started: bool = False
 
@@ -114,14 +122,31 @@ class App:
         """Start receiving and the periodic work; returns immediately."""
         for d in (self.settings.spool_dir, self.settings.outputs_dir):
             d.mkdir(parents=True, exist_ok=True)
+        s = self.settings
+        if self.audit is not None:
+            self.audit.config_loaded(s.source or "(embedded defaults)", s.source_sha256)
         resumed = self.store.resume_unfinished()
         if resumed:
             log.info("resuming %d unfinished job(s) after restart: %s", len(resumed), resumed)
         self.scp.start()
-        self.scheduler.every("sweep", self.settings.study.sweep_interval_s, self.sweep)
+        if self.metrics is not None:
+            self._metrics_server = self.metrics.start_http(s.metrics.port)
+        self.scheduler.every("sweep", s.study.sweep_interval_s, self.sweep)
         self.scheduler.every("jobs", 1.0, self.runner.run_once, executor="models")
         self.scheduler.every("export", 1.0, self.exporter.run_once)
+        if self.audit_sink is not None:
+            self.scheduler.every("audit-flush", 5.0, self.audit_sink.flush)
+        if s.retention.spool_days or s.retention.outputs_days:
+            self.scheduler.every(
+                "retention",
+                3600.0,
+                lambda: purge_once(
+                    self.store, time.time(), s.retention.spool_days, s.retention.outputs_days, audit=self.audit
+                ),
+            )
         self.scheduler.start()
+        if self.audit is not None:
+            self.audit.node_started(port=self.port, tls=s.dicom.tls)
         self._started = True
         log.info(
             "i3node listening as %s on %s:%d", self.settings.dicom.ae_title, self.settings.dicom.host, self.port
@@ -133,7 +158,15 @@ class App:
         if self._started:
             self.scp.stop()
             self.scheduler.shutdown(wait=True)
+            if self.audit_sink is not None:
+                self.audit_sink.flush(force=True)
+            if self._metrics_server is not None:
+                self._metrics_server.stop()
+            if self.audit is not None:
+                self.audit.node_stopped()
             self._started = False
+        if self.audit is not None:
+            self.audit.close()
         self.store.close()
 
     def request_stop(self) -> None:
@@ -214,6 +247,17 @@ def build_app(settings: Settings) -> App:
     store = Store(settings.database_url)
     scheduler = NodeScheduler()
     models = LazyModels(settings)
+    d = settings.dicom
+    audit = AuditLog(settings.audit_path, ae_title=d.ae_title) if settings.audit.enabled else None
+    metrics = Metrics(store, settings.spool_dir) if settings.metrics.enabled else None
+    # TLS contexts are built now so that a bad certificate stops the node at start.
+    t = settings.tls
+    server_ssl = server_context(t.certificate, t.private_key, t.ca_file, t.require_client_certificate) if d.tls else None
+    client_ssl = (
+        client_context(t.ca_file, t.certificate or None, t.private_key or None)
+        if any(dest.tls for dest in settings.destinations)
+        else None
+    )
 
     def outputs_ready(job_id: int, version: int, files: Sequence[OutputFile]) -> None:
         register_outputs(store, job_id, version, files, settings.destinations, time.time())
@@ -226,10 +270,15 @@ def build_app(settings: Settings) -> App:
         segmenter=models.segmenter,
         refiner=models.refiner,
         register_outputs=outputs_ready,
+        stage_timer=metrics.observe_stage if metrics is not None else (lambda stage, secs: None),
     )
     runner = JobRunner(ctx)
-    exporter = Exporter(store, settings.destinations, settings.delivery)
-    d = settings.dicom
+    exporter = Exporter(
+        store,
+        settings.destinations,
+        settings.delivery,
+        ssl_context_for=lambda dest: client_ssl if dest.tls else None,
+    )
     scp_config = ScpConfig(
         ae_title=d.ae_title,
         host=d.host,
@@ -241,6 +290,25 @@ def build_app(settings: Settings) -> App:
         acse_timeout=d.acse_timeout_s,
         dimse_timeout=d.dimse_timeout_s,
         network_timeout=d.network_timeout_s,
+        ssl_context=server_ssl,
     )
-    scp = StoreSCP(scp_config, StoreSink(store, on_correction=lambda: scheduler.wake("jobs")))
-    return App(settings=settings, store=store, scp=scp, scheduler=scheduler, runner=runner, exporter=exporter)
+    sink: Any = StoreSink(store, on_correction=lambda: scheduler.wake("jobs"))
+    if metrics is not None:
+        sink = CountingSink(sink, metrics)
+    audit_sink = AuditingSink(sink, audit, idle_s=5.0) if audit is not None else None
+    scp = StoreSCP(
+        scp_config,
+        audit_sink or sink,
+        observer=AuditObserver(audit) if audit is not None else None,
+    )
+    return App(
+        settings=settings,
+        store=store,
+        scp=scp,
+        scheduler=scheduler,
+        runner=runner,
+        exporter=exporter,
+        audit=audit,
+        metrics=metrics,
+        audit_sink=audit_sink,
+    )

@@ -241,6 +241,8 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     base_dir: Path = field(default=Path("."), metadata=_meta("internal: directory relative paths are resolved against"))
+    source: str = field(default="", metadata=_meta("internal: the settings file this came from ('' = embedded defaults)"))
+    source_sha256: str = field(default="", metadata=_meta("internal: SHA-256 of the settings file"))
 
     # -- derived paths -------------------------------------------------
     @property
@@ -282,7 +284,7 @@ class Settings:
         return p if p.is_absolute() else (self.base_dir / p).resolve()
 
 
-_INTERNAL = {"base_dir"}
+_INTERNAL = {"base_dir", "source", "source_sha256"}
 
 
 def _type_name(tp: Any) -> str:
@@ -425,15 +427,20 @@ def load_settings(path: Path | str | None) -> Settings:
     """
     if path is None:
         return default_settings()
+    import hashlib
+
     p = Path(path)
     try:
-        with p.open("rb") as fh:
-            data = tomllib.load(fh)
+        raw = p.read_bytes()
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise SettingsError(f"{p}: settings file not found") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{p}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{p}: not valid TOML ({exc})") from None
-    return settings_from_mapping(data)
+    s = settings_from_mapping(data)
+    return dataclasses.replace(s, source=str(p.resolve()), source_sha256=hashlib.sha256(raw).hexdigest())
 
 
 def default_settings(**overrides: Any) -> Settings:
