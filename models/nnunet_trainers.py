@@ -1,0 +1,181 @@
+"""Small, fast nnU-Net v2 trainers for demo and test models.
+
+This module imports torch and nnunetv2 at import time; import it only where training
+happens (``models.training`` imports it lazily).
+
+Inference never needs the classes defined here: :func:`finalize_for_inference` rewrites the
+``trainer_name`` stored in every checkpoint of a fold folder to a trainer that ships with
+nnU-Net and builds the same network (``nnUNetTrainer`` by default, see
+:attr:`nnUNetTrainer_i3nodeTiny.inference_trainer_name`). ``nnUNetPredictor`` therefore loads
+the model in any process, with or without this repository on the path. The trainer that
+actually produced a checkpoint is kept in the checkpoint under ``"i3node_trained_with"``.
+
+Subclassing (e.g. for a refinement model that simulates corrections during training):
+derive from :class:`nnUNetTrainer_i3nodeTiny`, keep the constructor signature of
+``nnUNetTrainer`` (``plans, configuration, fold, dataset_json, device``), override
+``get_dataloaders``/``train_step`` etc. as needed, and keep ``build_network_architecture``
+compatible with ``inference_trainer_name`` (or set ``inference_trainer_name`` to a trainer
+importable by every process that runs inference).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from models.training import ProgressEvent
+
+__all__ = ["nnUNetTrainer_i3nodeTiny", "finalize_for_inference"]
+
+_log = logging.getLogger("models.nnunet_trainers")
+
+
+class nnUNetTrainer_i3nodeTiny(nnUNetTrainer):  # noqa: N801 - nnU-Net naming convention
+    """Short-schedule ``nnUNetTrainer`` for CPU-sized demo models.
+
+    Differences from ``nnUNetTrainer``:
+
+    * schedule from the class attributes :attr:`default_num_epochs`,
+      :attr:`default_iterations_per_epoch` and :attr:`default_val_iterations`
+      (``models.training.train_folds`` sets the instance attributes ``num_epochs``,
+      ``num_iterations_per_epoch`` and ``num_val_iterations_per_epoch`` after construction);
+    * never ``torch.compile``; data augmentation runs in the main process unless
+      ``nnUNet_n_proc_DA`` says otherwise (``train_folds`` sets it to 0);
+    * nnU-Net's console output goes to its log file and to the ``logging`` logger
+      ``models.nnunet_trainers`` (DEBUG), never to stdout;
+    * no network-architecture plot and no progress PNG per epoch (``write_progress_png``);
+    * the final full-resolution validation (``perform_actual_validation``) is skipped:
+      it starts worker processes and costs more than the whole training here; evaluate
+      the finished model with ``models.nnunet.EnsemblePredictor`` instead;
+    * after each epoch, :attr:`progress` (if set) receives a
+      :class:`models.training.ProgressEvent` with stage ``"train"`` and metrics
+      ``fold``, ``epoch``, ``train_loss``, ``val_loss``, ``pseudo_dice_mean``, ``epoch_time_s``;
+    * at the end of training, :func:`finalize_for_inference` rewrites the checkpoints.
+    """
+
+    default_num_epochs: int = 20
+    default_iterations_per_epoch: int = 10
+    default_val_iterations: int = 2
+    #: nnU-Net trainer written into the checkpoints so that inference needs only nnunetv2.
+    inference_trainer_name: str = "nnUNetTrainer"
+    #: Write nnU-Net's ``progress.png`` at the end of each epoch (slow, matplotlib).
+    write_progress_png: bool = False
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),  # noqa: B008 - nnU-Net's signature
+    ) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.default_num_epochs
+        self.num_iterations_per_epoch = self.default_iterations_per_epoch
+        self.num_val_iterations_per_epoch = self.default_val_iterations
+        self.save_every = 10**9  # only checkpoint_final (and checkpoint_best) are written
+        self.progress: Callable[[ProgressEvent], None] | None = None
+        if not self.write_progress_png:
+            self.logger.plot_progress_png = _no_plot  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ quiet, fast
+    def _do_i_compile(self) -> bool:
+        return False
+
+    def print_to_log_file(self, *args: Any, also_print_to_console: bool = True,
+                          add_timestamp: bool = True) -> None:
+        """Write to nnU-Net's training log file and the Python logger, never to stdout."""
+        log_file = getattr(self, "log_file", None)
+        if log_file is not None:
+            super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
+        text = " ".join(str(a) for a in args).strip()
+        if text:
+            _log.debug("%s", text)
+
+    def plot_network_architecture(self) -> None:
+        return None
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        self.print_to_log_file("i3node: final validation skipped")
+
+    # ------------------------------------------------------------------ progress
+    def on_epoch_end(self) -> None:
+        epoch = self.current_epoch
+        super().on_epoch_end()
+        if self.progress is None:
+            return
+        lg = self.logger
+        try:
+            train_loss = float(lg.get_value("train_losses", step=-1))
+            val_loss = float(lg.get_value("val_losses", step=-1))
+            dice = [float(d) for d in lg.get_value("dice_per_class_or_region", step=-1)]
+            epoch_time = float(lg.get_value("epoch_end_timestamps", step=-1)
+                               - lg.get_value("epoch_start_timestamps", step=-1))
+        except (KeyError, IndexError, TypeError):  # pragma: no cover - logger layout change
+            train_loss = val_loss = float("nan")
+            dice, epoch_time = [], float("nan")
+        metrics = {
+            "fold": float(self.fold) if isinstance(self.fold, int) else -1.0,
+            "epoch": float(epoch),
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "pseudo_dice_mean": float(np.nanmean(dice)) if dice else float("nan"),
+            "epoch_time_s": epoch_time,
+        }
+        self.progress(ProgressEvent(
+            stage="train",
+            message=(f"fold {self.fold} epoch {epoch + 1}/{self.num_epochs}: "
+                     f"train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
+                     f"pseudo Dice {metrics['pseudo_dice_mean']:.3f}"),
+            fraction=(epoch + 1) / self.num_epochs,
+            metrics=metrics,
+        ))
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.output_folder is not None:
+            finalize_for_inference(Path(self.output_folder), self.inference_trainer_name)
+
+
+def _no_plot(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+def finalize_for_inference(fold_dir: Path, inference_trainer_name: str = "nnUNetTrainer") -> list[Path]:
+    """Make the checkpoints of one fold folder loadable without the training trainer class.
+
+    Rewrites ``trainer_name`` in every ``checkpoint_*.pth`` in ``fold_dir`` to
+    ``inference_trainer_name`` (a trainer that nnU-Net finds in its own package and that
+    builds the same network) and records the original name under ``"i3node_trained_with"``.
+    The rewrite goes through a temporary file and ``os.replace``; it is idempotent.
+
+    Parameters
+    ----------
+    fold_dir
+        A ``fold_*`` folder of an nnU-Net results folder.
+    inference_trainer_name
+        Trainer class name to store.
+
+    Returns
+    -------
+    list of Path
+        The checkpoints that were rewritten (already-final ones are skipped).
+    """
+    rewritten: list[Path] = []
+    for ckpt_path in sorted(Path(fold_dir).glob("checkpoint_*.pth")):
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt.get("trainer_name") == inference_trainer_name:
+            continue
+        ckpt.setdefault("i3node_trained_with", ckpt.get("trainer_name"))
+        ckpt["trainer_name"] = inference_trainer_name
+        tmp = ckpt_path.with_suffix(".pth.tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, ckpt_path)
+        rewritten.append(ckpt_path)
+    return rewritten
