@@ -13,7 +13,8 @@ node's median throughput as a ratio of storescp's (target >= 0.5).
 Usage::
 
     python benchmarks/receive.py [--slices 300] [--reps 3] [--pdu 131072]
-                                 [--variant final|naive|final-16k] [--profile out.html]
+                                 [--variants final|all|naive,raw-16k,...] [--no-fsync]
+                                 [--profile out.html]
 """
 from __future__ import annotations
 
@@ -95,11 +96,12 @@ def build_series(out_dir: Path, n_slices: int, size: int = 512) -> list[Path]:
 
 
 class SqliteSink:
-    """Trivial durable sink: one sqlite row per instance (WAL, synchronous=NORMAL)."""
+    """Trivial durable sink: one autocommitted sqlite row per instance (WAL, synchronous=FULL)."""
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, synchronous: str = "FULL") -> None:
         self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self._conn.execute(
             "CREATE TABLE IF NOT EXISTS inst (sop TEXT PRIMARY KEY, series TEXT, path TEXT)"
         )
@@ -183,16 +185,39 @@ def _naive_handler(spool_dir: Path, sink: SqliteSink):  # noqa: ANN202 - benchma
         fd = os.open(path.parent, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-        sink.count += 1
+        sink.record(
+            StoredInstance(
+                study_uid=ds.StudyInstanceUID,
+                series_uid=ds.SeriesInstanceUID,
+                sop_uid=ds.SOPInstanceUID,
+                sop_class_uid=ds.SOPClassUID,
+                modality=ds.get("Modality", ""),
+                path=path,
+                size=path.stat().st_size,
+                calling_ae=event.assoc.requestor.ae_title,
+                peer_address=event.assoc.requestor.address,
+            )
+        )
         return 0
 
     return handle
 
 
+#: Set by --no-fsync (diagnostic): os.fsync no-op and sqlite synchronous=OFF.
+NO_FSYNC = False
+
+VARIANTS: dict[str, str] = {
+    "naive": "plain pynetdicom handler: decode dataset, save_as, fsync; default 16 KiB PDU",
+    "raw-16k": "StoreSCP: raw encoded bytes + 8 decoded tags, durable_write; 16 KiB PDU",
+    "raw-bigpdu": "StoreSCP as raw-16k, unlimited max PDU advertised (peer sends --pdu)",
+    "final": "StoreSCP as raw-bigpdu + low_latency association tuning (the default config)",
+}
+
+
 def run_node(src: Path, work: Path, pdu: int | None, variant: str, n: int) -> float:
-    """One run against the node's StoreSCP; returns seconds."""
+    """One run against the node (or the naive baseline handler); returns seconds."""
     spool_dir = work / "spool"
-    sink = SqliteSink(work / "state.sqlite")
+    sink = SqliteSink(work / "state.sqlite", "OFF" if NO_FSYNC else "FULL")
     if variant == "naive":
         from pynetdicom import AE, evt
         from pynetdicom.sop_class import CTImageStorage as CT
@@ -214,9 +239,12 @@ def run_node(src: Path, work: Path, pdu: int | None, variant: str, n: int) -> fl
             server.shutdown()
             server.server_close()
     else:
-        max_pdu = 16382 if variant == "final-16k" else 0
         cfg = ScpConfig(
-            port=0, spool_dir=spool_dir, min_free_bytes=0, maximum_pdu_size=max_pdu
+            port=0,
+            spool_dir=spool_dir,
+            min_free_bytes=0,
+            maximum_pdu_size=16382 if variant == "raw-16k" else 0,
+            low_latency=variant == "final",
         )
         scp = StoreSCP(cfg, sink)
         scp.start()
@@ -225,18 +253,31 @@ def run_node(src: Path, work: Path, pdu: int | None, variant: str, n: int) -> fl
         finally:
             scp.stop()
     if sink.count != n:
-        raise RuntimeError(f"node recorded {sink.count} of {n} instances")
+        raise RuntimeError(f"{variant}: recorded {sink.count} of {n} instances")
     sink.close()
     shutil.rmtree(spool_dir)
-    (work / "state.sqlite").unlink()
-    for extra in work.glob("state.sqlite-*"):
-        extra.unlink()
+    for db in work.glob("state.sqlite*"):
+        db.unlink()
     return elapsed
+
+
+def fsync_cost(work: Path, size: int, n: int = 30) -> float:
+    """Median seconds of one durable_write of `size` bytes (the per-instance floor)."""
+    from dicom.spool import durable_write_bytes
+
+    data = os.urandom(size)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        durable_write_bytes(work / "fsync-probe" / f"{i}.bin", data)
+        times.append(time.perf_counter() - t0)
+    shutil.rmtree(work / "fsync-probe")
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument(
@@ -245,13 +286,27 @@ def main(argv: list[str] | None = None) -> int:
         default=131072,
         help="storescu --max-send-pdu/--max-pdu and storescp --max-pdu (0: DCMTK defaults)",
     )
-    parser.add_argument("--variant", choices=["final", "naive", "final-16k"], default="final")
+    parser.add_argument(
+        "--variants",
+        default="final",
+        help=f"comma-separated node variants to run, interleaved (from {', '.join(VARIANTS)}; 'all')",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: tmp)")
+    parser.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="DIAGNOSTIC ONLY: make os.fsync a no-op to measure the Python-side cost",
+    )
     parser.add_argument("--profile", type=Path, default=None, help="pyinstrument HTML of node runs")
     args = parser.parse_args(argv)
     if shutil.which("storescu") is None or shutil.which("storescp") is None:
         parser.error("DCMTK storescu/storescp are required")
+    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     pdu = args.pdu or None
+    logging.basicConfig(level=logging.WARNING)
 
     base = Path(tempfile.mkdtemp(prefix="i3node-bench-", dir=args.workdir))
     try:
@@ -259,36 +314,49 @@ def main(argv: list[str] | None = None) -> int:
         src.mkdir()
         paths = build_series(src, args.slices)
         total = sum(p.stat().st_size for p in paths)
+        per_inst = total / len(paths)
+        floor = fsync_cost(base, int(per_inst))
+        if args.no_fsync:
+            global NO_FSYNC
+            NO_FSYNC = True
+            os.fsync = lambda fd: None  # type: ignore[assignment]
         print(
-            f"series: {len(paths)} instances, {total / 1e6:.1f} MB; variant={args.variant}; "
-            f"pdu={pdu or 'DCMTK default'}; workdir={base}"
+            f"series: {len(paths)} instances, {total / 1e6:.1f} MB; "
+            f"pdu={pdu or 'DCMTK default'}; cpus={os.cpu_count()}; workdir={base}"
+        )
+        print(
+            f"durable_write of one {per_inst / 1e3:.0f} kB instance: {floor * 1e3:.2f} ms "
+            f"(floor {1 / floor:.0f} inst/s per association)"
+            + ("; fsync DISABLED (diagnostic)" if args.no_fsync else "")
         )
         profiler = None
         if args.profile:
             from pyinstrument import Profiler
 
             profiler = Profiler(async_mode="disabled")
-        node_t, dcmtk_t = [], []
+        times: dict[str, list[float]] = {"storescp": [], **{v: [] for v in variants}}
         for rep in range(args.reps):
             work = base / f"rep{rep}"
             work.mkdir()
-            dcmtk_t.append(run_dcmtk(src, work, pdu))
-            if profiler is not None:
-                profiler.start()
-            node_t.append(run_node(src, work, pdu, args.variant, len(paths)))
-            if profiler is not None:
-                profiler.stop()
-            for name, t in (("storescp", dcmtk_t[-1]), ("node", node_t[-1])):
-                print(
-                    f"rep {rep} {name:8s}: {t:6.2f} s  {total / 1e6 / t:7.1f} MB/s  "
-                    f"{len(paths) / t:7.1f} inst/s"
-                )
-        med_node, med_dcmtk = statistics.median(node_t), statistics.median(dcmtk_t)
-        print(
-            f"median storescp: {total / 1e6 / med_dcmtk:.1f} MB/s {len(paths) / med_dcmtk:.1f} inst/s"
-        )
-        print(f"median node    : {total / 1e6 / med_node:.1f} MB/s {len(paths) / med_node:.1f} inst/s")
-        print(f"ratio node/storescp: {med_dcmtk / med_node:.2f}x (target >= 0.5x)")
+            times["storescp"].append(run_dcmtk(src, work, pdu))
+            for v in variants:
+                if profiler is not None:
+                    profiler.start()
+                times[v].append(run_node(src, work, pdu, v, len(paths)))
+                if profiler is not None:
+                    profiler.stop()
+            print(
+                f"rep {rep}: "
+                + "  ".join(f"{k} {len(paths) / t[-1]:.0f} inst/s" for k, t in times.items())
+            )
+        ref = statistics.median(times["storescp"])
+        print(f"{'target':12s} {'MB/s':>8s} {'inst/s':>8s} {'ratio':>6s}  (medians of {args.reps})")
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            print(
+                f"{name:12s} {total / 1e6 / med:8.1f} {len(paths) / med:8.1f} {ref / med:6.2f}x"
+                + ("" if name == "storescp" else f"  {VARIANTS[name]}")
+            )
         if profiler is not None:
             args.profile.write_text(profiler.output_html())
             print(f"profile written to {args.profile}")
