@@ -34,8 +34,6 @@ torch and nnunetv2 are imported lazily, only by :class:`RefinementModel`.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from collections.abc import Mapping, Sequence
 from enum import Enum
@@ -470,7 +468,8 @@ class RefinementModel:
     Notes
     -----
     Probabilities are the mean of the per-fold softmax outputs (one nnU-Net prediction per
-    fold; nnU-Net itself would average logits).  The segmentation is their argmax, after
+    fold through ``models.nnunet.EnsemblePredictor``; nnU-Net itself would average logits).
+    With ``use_mirroring`` every mirrored prediction is one more member of that mean.  The segmentation is their argmax, after
     which every reviewed voxel takes the expert's label (:func:`force_reviewed`).
     """
 
@@ -524,8 +523,7 @@ class RefinementModel:
         self._use_mirroring = bool(use_mirroring)
         self._tile_step_size = float(tile_step_size)
         self._check_plans()
-        self._predictor: Any = None
-        self._fold_params: list[Any] = []
+        self._ensemble: Any = None
 
     def _check_plans(self) -> None:
         configs = self.plans.get("configurations", {})
@@ -545,57 +543,32 @@ class RefinementModel:
                 f"channel(s) {missing} (nnU-Net's preprocessor needs an entry for every channel)"
             )
 
-    def _configuration(self) -> str:
-        name = self.model_dir.name
-        parts = name.split("__")
-        if len(parts) >= 3 and parts[-1] in self.plans.get("configurations", {}):
-            return parts[-1]
-        configs = list(self.plans.get("configurations", {}))
-        for cand in ("3d_fullres", "2d"):
-            if cand in configs:
-                return cand
-        if not configs:
-            raise RefinementModelError(f"{self.model_dir}/plans.json has no configurations")
-        return configs[0]
-
     def _load(self) -> Any:
-        if self._predictor is not None:
-            return self._predictor
-        import torch  # lazy: heavy
-        with contextlib.redirect_stdout(io.StringIO()):
-            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        """The wrapped ``models.nnunet.EnsemblePredictor`` (one member per fold), loaded once."""
+        if self._ensemble is not None:
+            return self._ensemble
+        from models.nnunet import EnsemblePredictor, ModelError  # lazy: imports torch/nnunetv2
 
-            if self._device_name is None:
-                device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            else:
-                device = torch.device(self._device_name)
-            predictor = nnUNetPredictor(
+        try:
+            ensemble = EnsemblePredictor(
+                self.model_dir,
+                folds=[_fold_arg(f) for f in self.folds],
+                checkpoint=self._checkpoint_name,
+                device=self._device_name,
+                tta=self._use_mirroring,
                 tile_step_size=self._tile_step_size,
-                use_gaussian=True,
-                use_mirroring=self._use_mirroring,
-                perform_everything_on_device=device.type == "cuda",
-                device=device,
-                verbose=False,
-                verbose_preprocessing=False,
-                allow_tqdm=False,
             )
-            try:
-                predictor.initialize_from_trained_model_folder(
-                    str(self.model_dir),
-                    use_folds=tuple(_fold_arg(f) for f in self.folds),
-                    checkpoint_name=self._checkpoint_name,
-                )
-            except Exception as exc:  # nnU-Net raises bare exceptions of many kinds here
-                raise RefinementModelError(f"cannot load refinement model {self.model_dir}: {exc}") from exc
-        in_ch = _network_input_channels(predictor.network)
+        except ModelError as exc:
+            raise RefinementModelError(f"cannot load refinement model {self.model_dir}: {exc}") from exc
+        network = getattr(getattr(ensemble, "_predictor", None), "network", None)
+        in_ch = _network_input_channels(network) if network is not None else None
         if in_ch is not None and in_ch != self.n_channels:
             raise RefinementModelError(
                 f"{self.model_dir}: the network takes {in_ch} input channel(s) but dataset.json lists "
                 f"{self.n_channels} ({self.n_image_channels} image + {self.encoding.value} corrections)"
             )
-        self._fold_params = list(predictor.list_of_parameters)
-        self._predictor = predictor
-        return predictor
+        self._ensemble = ensemble
+        return ensemble
 
     def probabilities(
         self,
@@ -620,21 +593,15 @@ class RefinementModel:
         image = self._check_image(image)
         spacing_t = _check_spacing(spacing)
         data = encode_corrections(image, expert_labels, reviewed, self.n_classes, self.encoding)
-        predictor = self._load()
+        ensemble = self._load()
         total: np.ndarray | None = None
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                for params in self._fold_params:
-                    predictor.list_of_parameters = [params]
-                    _, probs = predictor.predict_single_npy_array(
-                        data, {"spacing": list(spacing_t)}, None, None, True
-                    )
-                    probs = np.asarray(probs, dtype=np.float32)
-                    total = probs if total is None else total + probs
-        finally:
-            predictor.list_of_parameters = self._fold_params
-        assert total is not None  # at least one fold is guaranteed by __init__
-        return total / np.float32(len(self._fold_params))
+        n = 0
+        for member in ensemble.iter_members(data, spacing_t):
+            total = member if total is None else total + member
+            n += 1
+        if total is None:  # pragma: no cover - __init__ guarantees at least one fold
+            raise RefinementModelError(f"{self.model_dir}: no ensemble members")
+        return (total / np.float32(n)).astype(np.float32, copy=False)
 
     def predict(
         self,
