@@ -21,6 +21,7 @@ import enum
 import logging
 import os
 import re
+import socket
 import ssl
 import threading
 import time
@@ -119,6 +120,7 @@ class ExportSummary:
     dead: int = 0
 
     def __add__(self, other: ExportSummary) -> ExportSummary:
+        """Sum of two summaries."""
         return ExportSummary(self.delivered + other.delivered, self.retried + other.retried, self.dead + other.dead)
 
 
@@ -232,11 +234,10 @@ def register_outputs(
 # -- queries ------------------------------------------------------------------
 
 
-def _job_deliveries(job_id: int) -> Any:
-    return (
-        sa.select(deliveries, outputs_table.c.path)
-        .join(outputs_table, outputs_table.c.sop_uid == deliveries.c.output_uid)
-        .where(outputs_table.c.job_id == job_id)
+def _with_path() -> sa.Select[Any]:
+    """Deliveries with the path of their output file."""
+    return sa.select(deliveries, outputs_table.c.path).join(
+        outputs_table, outputs_table.c.sop_uid == deliveries.c.output_uid
     )
 
 
@@ -252,7 +253,7 @@ def pending_for_job(store: Store, job_id: int) -> list[DeliveryRow]:
 
     Dead letters are not included; see :func:`job_delivery_state`.
     """
-    q = _job_deliveries(job_id).where(deliveries.c.state == DeliveryState.PENDING.value)
+    q = _with_path().where(outputs_table.c.job_id == job_id, deliveries.c.state == DeliveryState.PENDING.value)
     with store.engine.connect() as c:
         rows = c.execute(q.order_by(deliveries.c.next_attempt_at, deliveries.c.id)).all()
     return [_row(r) for r in rows]
@@ -344,6 +345,7 @@ def _backoff(delivery: DeliverySettings, attempts: int) -> float:
 
 
 def _peer(dest: Destination) -> str:
+    """``AE@host:port`` of a destination, as logged and recorded."""
     return f"{dest.ae_title}@{dest.host}:{dest.port}"
 
 
@@ -363,12 +365,16 @@ class Exporter:
         destination has ``tls = true``.
     clock
         Time source used when :meth:`run_once` is not given ``now``.
+    dimse_timeout
+        Seconds to wait for each C-STORE response.  pynetdicom may notice a peer's
+        abort during a C-STORE only when this expires, so it also bounds how long an
+        aborted transfer holds the export loop.
 
     Raises
     ------
     ValueError
-        If destination AE titles repeat, or a destination needs TLS and no
-        ``ssl_context_for`` is given.
+        If destination AE titles repeat, a destination needs TLS and no
+        ``ssl_context_for`` is given, or ``dimse_timeout`` is not positive.
     """
 
     def __init__(
@@ -379,7 +385,10 @@ class Exporter:
         *,
         ssl_context_for: Callable[[Destination], ssl.SSLContext | None] | None = None,
         clock: Callable[[], float] = time.time,
+        dimse_timeout: float = 60.0,
     ) -> None:
+        if not dimse_timeout > 0:
+            raise ValueError(f"dimse_timeout: must be positive, got {dimse_timeout!r}")
         aes = [d.ae_title for d in destinations]
         if len(set(aes)) != len(aes):
             raise ValueError("destinations: AE titles must be unique")
@@ -391,6 +400,7 @@ class Exporter:
         self.delivery = delivery
         self._ssl_context_for = ssl_context_for
         self._clock = clock
+        self._dimse_timeout = float(dimse_timeout)
         self._lock = threading.Lock()  # one run at a time: a delivery is never sent twice concurrently
 
     def run_once(self, now: float | None = None) -> ExportSummary:
@@ -429,8 +439,7 @@ class Exporter:
     # -- internals ---------------------------------------------------------
     def _due(self, dest: Destination, now: float) -> list[DeliveryRow]:
         q = (
-            sa.select(deliveries, outputs_table.c.path)
-            .join(outputs_table, outputs_table.c.sop_uid == deliveries.c.output_uid)
+            _with_path()
             .where(
                 deliveries.c.destination == dest.ae_title,
                 deliveries.c.state == DeliveryState.PENDING.value,
@@ -498,4 +507,81 @@ class Exporter:
         )
 
     def _transfer(self, dest: Destination, batch: Sequence[DeliveryRow]) -> _BatchOutcome:
-        raise NotImplementedError
+        """C-STORE a batch over one association; what was acknowledged and why the rest was not."""
+        from dicom.scu import AssociationFailed, SendReport, StatusCategory, send_paths
+
+        peer = _peer(dest)
+        context = self._ssl_context_for(dest) if self._ssl_context_for is not None else None
+        if dest.tls and context is None:
+            return _BatchOutcome(frozenset(), {r.sop_uid: f"no TLS context for {peer}" for r in batch})
+        by_path: dict[str, list[str]] = {}
+        for r in batch:
+            by_path.setdefault(str(r.path), []).append(r.sop_uid)
+        broken: str | None = None
+        try:
+            report: SendReport | None = send_paths(
+                [Path(p) for p in by_path], ae_title=dest.ae_title, host=dest.host, port=dest.port,
+                calling_ae=self.delivery.calling_ae, ssl_context=context, dimse_timeout=self._dimse_timeout,
+            )
+        except AssociationFailed as exc:
+            report, broken = exc.report, exc.reason
+        except FileNotFoundError as exc:
+            return _BatchOutcome(frozenset(), {r.sop_uid: f"output file missing: {exc}" for r in batch})
+        except Exception as exc:  # the network layer must not stop the export loop; counted as an attempt
+            log.exception("sending to %s failed unexpectedly", peer)
+            return _BatchOutcome(frozenset(), {r.sop_uid: f"unexpected error sending to {peer}: {exc!r}" for r in batch})
+
+        results = report.results if report is not None else []
+        acknowledged = {
+            uid
+            for res in results
+            if res.category in (StatusCategory.SUCCESS, StatusCategory.WARNING)
+            for uid in by_path.get(res.source, [])
+        }
+        lost = "" if broken is None else _association_problem(broken, dest, len(acknowledged), len(batch))
+        failed: dict[str, str] = {}
+        for res in results:
+            if res.category in (StatusCategory.SUCCESS, StatusCategory.WARNING):
+                continue
+            if res.status is not None:
+                reason = f"C-STORE failed at {peer} with status 0x{res.status:04X}"
+                reason += f": {res.message}" if res.message else ""
+            else:
+                reason = lost or f"{res.message or 'not sent'} ({peer})"
+            failed.update((uid, reason) for uid in by_path.get(res.source, []))
+        if lost:
+            failed.update((r.sop_uid, lost) for r in batch if r.sop_uid not in acknowledged and r.sop_uid not in failed)
+        return _BatchOutcome(frozenset(acknowledged), failed)
+
+
+def _association_problem(reason: str, dest: Destination, n_acknowledged: int, n_batch: int) -> str:
+    """A human-readable reason for a failed or lost association with ``dest``.
+
+    The SCU reports a refused connection like an abort; a plain connect tells them apart.
+    """
+    peer = _peer(dest)
+    if reason.startswith("association rejected"):
+        return "association rejected by " + peer + reason[len("association rejected"):]
+    if reason.startswith(("association aborted", "connection failed")):
+        unreachable = _connection_problem(dest)
+        if unreachable is not None:
+            return unreachable
+        if reason.startswith("association aborted"):
+            return f"association aborted by {peer} after {n_acknowledged} of {n_batch} instance(s) were acknowledged"
+    return f"{reason} ({peer})"
+
+
+def _connection_problem(dest: Destination, timeout: float = 5.0) -> str | None:
+    """Why a TCP connection to ``dest`` fails (refused, unknown host, timeout), or ``None`` if it succeeds now."""
+    peer = _peer(dest)
+    try:
+        socket.create_connection((dest.host, dest.port), timeout=timeout).close()
+    except ConnectionRefusedError:
+        return f"connection refused by {peer}"
+    except socket.gaierror:
+        return f"host not found: {dest.host} ({dest.ae_title})"
+    except TimeoutError:
+        return f"connection to {peer} timed out"
+    except OSError as exc:
+        return f"connection to {peer} failed: {os.strerror(exc.errno) if exc.errno else exc}"
+    return None
