@@ -256,7 +256,7 @@ def _send_items(
         for sop_class, tsyntax in batch:
             ae.add_requested_context(sop_class, _context_syntaxes(tsyntax))
         batch_items = [it for key in batch for it in groups[key]]
-        tls_args = (ssl_context, "") if ssl_context is not None else None
+        tls_args = (ssl_context, host) if ssl_context is not None else None
         assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
         if not assoc.is_established:
             reason = _association_reason(assoc)
@@ -549,7 +549,7 @@ def echo(
     ae.dimse_timeout = dimse_timeout
     ae.network_timeout = network_timeout
     ae.add_requested_context(Verification)
-    tls_args = (ssl_context, "") if ssl_context is not None else None
+    tls_args = (ssl_context, host) if ssl_context is not None else None
     assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
     if not assoc.is_established:
         LOGGER.warning(

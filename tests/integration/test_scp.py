@@ -489,3 +489,93 @@ def test_pynetdicom_logger_kept_quiet(make_scp) -> None:
 @pytest.mark.skipif(shutil.which("storescu") is None, reason="storescu not installed")
 def test_dcmtk_available_for_ci() -> None:
     assert shutil.which("storescp") is not None
+
+
+# -- encoding helpers, TLS -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tsyntax",
+    [
+        ExplicitVRLittleEndian,
+        pydicom.uid.ImplicitVRLittleEndian,
+        pydicom.uid.ExplicitVRBigEndian,
+        pydicom.uid.DeflatedExplicitVRLittleEndian,
+    ],
+)
+def test_decode_header_and_file_head_roundtrip(tsyntax: str, tmp_path: Path) -> None:
+    from dicom.scp import decode_header, encode_file_head
+
+    ds = make_ct_series(1)[0]
+    ds.file_meta.TransferSyntaxUID = tsyntax
+    ds.save_as(tmp_path / "src.dcm", enforce_file_format=True)
+    raw = (tmp_path / "src.dcm").read_bytes()
+    body = raw[128 + 4 + 12 + int.from_bytes(raw[140:144], "little") :]
+    head = decode_header(body, tsyntax)
+    assert head.SOPInstanceUID == ds.SOPInstanceUID
+    assert head.SeriesInstanceUID == ds.SeriesInstanceUID
+    assert "PixelData" not in head
+    data = encode_file_head(ds.SOPClassUID, ds.SOPInstanceUID, tsyntax, "PACS") + body
+    (tmp_path / "x.dcm").write_bytes(data)
+    got = pydicom.dcmread(tmp_path / "x.dcm")
+    assert got.file_meta.TransferSyntaxUID == tsyntax
+    assert got.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert got.file_meta.SourceApplicationEntityTitle == "PACS"
+    assert got.SOPInstanceUID == ds.SOPInstanceUID
+    assert got.PixelData == pydicom.dcmread(tmp_path / "src.dcm").PixelData
+
+
+def test_low_latency_tuning_applied(make_scp, sink: ListSink) -> None:
+    from dicom import scp as scp_module
+
+    tuned: list[bool] = []
+    original = scp_module.tune_association
+
+    def spy(assoc: object) -> bool:
+        result = original(assoc)
+        tuned.append(result)
+        return result
+
+    scp_module.tune_association = spy  # type: ignore[assignment]
+    try:
+        server = make_scp()
+        assert pynetdicom_store(server.port, make_ct_series(3)) == [0, 0, 0]
+    finally:
+        scp_module.tune_association = original  # type: ignore[assignment]
+    assert tuned == [True]
+    assert len(sink.items) == 3
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    d = tmp_path_factory.mktemp("tls")
+    key, cert = d / "key.pem", d / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return key, cert
+
+
+def test_tls_round_trip(make_scp, sink: ListSink, tls_files: tuple[Path, Path], tmp_path: Path) -> None:
+    import ssl
+
+    from dicom.scu import echo, send_paths
+
+    key, cert = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    server = make_scp(ssl_context=server_ctx)
+    write_series(make_ct_series(4, size=256), tmp_path / "src")
+    report = send_paths(
+        tmp_path / "src", ae_title="I3NODE", host="127.0.0.1", port=server.port,
+        ssl_context=client_ctx,
+    )
+    assert report.n_success == 4
+    assert len(sink.items) == 4
+    assert echo("I3NODE", "127.0.0.1", server.port, ssl_context=client_ctx)
