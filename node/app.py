@@ -263,6 +263,13 @@ def build_app(settings: Settings) -> App:
         register_outputs(store, job_id, version, files, settings.destinations, time.time())
         scheduler.wake("export")  # deliver now, not at the next poll
 
+    def correction_matched(sop_uid: str, job_id: int) -> None:
+        if metrics is not None:
+            metrics.corrected_seg()
+        if audit is not None:
+            row = store.job(job_id)
+            audit.corrected_seg_ingested(sop_uid, job_id, study_uid=str(row["study_uid"]) if row else "")
+
     ctx = PipelineContext(
         store=store,
         settings=settings,
@@ -271,13 +278,23 @@ def build_app(settings: Settings) -> App:
         refiner=models.refiner,
         register_outputs=outputs_ready,
         stage_timer=metrics.observe_stage if metrics is not None else (lambda stage, secs: None),
+        on_correction=correction_matched,
     )
     runner = JobRunner(ctx)
+    def delivery_outcome(dest: Any, sop_uid: str, delivered: bool, dead: bool, reason: str) -> None:
+        if metrics is not None and not delivered:
+            metrics.delivery_failed()
+        if audit is not None and (delivered or dead):
+            audit.output_delivered(
+                dest.ae_title, sop_uid, "", address=f"{dest.host}:{dest.port}", success=delivered, reason=reason
+            )
+
     exporter = Exporter(
         store,
         settings.destinations,
         settings.delivery,
         ssl_context_for=lambda dest: client_ssl if dest.tls else None,
+        on_outcome=delivery_outcome,
     )
     scp_config = ScpConfig(
         ae_title=d.ae_title,

@@ -212,6 +212,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Bring a job's dead-lettered deliveries (or a failed job) back to pending."""
+    from node.exporter import retry_dead
+    from node.store import JobState, Store
+
+    settings = _settings(args)
+    store = Store(settings.database_url)
+    try:
+        job = store.job(args.job)
+        if job is None:
+            raise UsageError(f"job {args.job} does not exist (see i3node status)")
+        n = retry_dead(store, args.job)
+        requeued = False
+        if job["state"] == JobState.FAILED.value:
+            store.set_job_state(args.job, JobState.QUEUED, reason="retry requested by operator", attempts=0, not_before=0.0)
+            requeued = True
+    finally:
+        store.close()
+    sys.stdout.write(
+        f"job {args.job}: {n} dead delivery(ies) back to pending"
+        + ("; failed job queued again" if requeued else "")
+        + " (a running node picks them up within seconds)\n"
+    )
+    return 0
+
+
 def _shape(text: str) -> tuple[int, int, int]:
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -299,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("retry", help="retry a job's dead-lettered deliveries, or a failed job")
+    s.add_argument("job", type=int, help="job id (see i3node status)")
+    s.add_argument("--config")
+    s.set_defaults(func=cmd_retry)
 
     s = sub.add_parser("make-study", help="write a synthetic CT study with ground truth")
     s.add_argument("out", help="output folder")

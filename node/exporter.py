@@ -369,6 +369,9 @@ class Exporter:
         Seconds to wait for each C-STORE response.  pynetdicom may notice a peer's
         abort during a C-STORE only when this expires, so it also bounds how long an
         aborted transfer holds the export loop.
+    on_outcome
+        Called after each batch is recorded, per instance, with ``(destination,
+        sop_uid, delivered, dead, reason)`` (audit trail and metrics).
 
     Raises
     ------
@@ -386,6 +389,7 @@ class Exporter:
         ssl_context_for: Callable[[Destination], ssl.SSLContext | None] | None = None,
         clock: Callable[[], float] = time.time,
         dimse_timeout: float = 60.0,
+        on_outcome: Callable[[Destination, str, bool, bool, str], None] | None = None,
     ) -> None:
         if not dimse_timeout > 0:
             raise ValueError(f"dimse_timeout: must be positive, got {dimse_timeout!r}")
@@ -401,6 +405,7 @@ class Exporter:
         self._ssl_context_for = ssl_context_for
         self._clock = clock
         self._dimse_timeout = float(dimse_timeout)
+        self._on_outcome = on_outcome
         self._lock = threading.Lock()  # one run at a time: a delivery is never sent twice concurrently
 
     def run_once(self, now: float | None = None) -> ExportSummary:
@@ -488,6 +493,11 @@ class Exporter:
                         values["next_attempt_at"] = now + _backoff(self.delivery, attempts)
                         retried += 1
                 self._update(c, r.id, values)
+        if self._on_outcome is not None:
+            for r in batch:
+                ok = r.sop_uid in acknowledged
+                is_dead = not ok and r.attempts + 1 >= self.delivery.max_attempts
+                self._on_outcome(dest, r.sop_uid, ok, is_dead, "" if ok else failed[r.sop_uid])
         if delivered:
             log.info("delivered %d instance(s) to %s", delivered, _peer(dest))
         if retried or dead:

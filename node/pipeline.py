@@ -96,6 +96,7 @@ class PipelineContext:
     register_outputs: Callable[[int, int, Sequence[OutputFile]], None]
     model_version: str = "1"
     stage_timer: Callable[[str, float], None] = field(default=lambda stage, secs: None)
+    on_correction: Callable[[str, int], None] = field(default=lambda sop_uid, job_id: None)
 
     @property
     def uids(self) -> UidFactory:
@@ -451,6 +452,7 @@ def ingest_correction(ctx: PipelineContext, sop_uid: str) -> int | None:
         log.warning("corrected SEG %s matches no job (series %s); kept", sop_uid, series_uid)
         return None
     store.set_correction(sop_uid, "processing", job_id=int(job["id"]))
+    ctx.on_correction(sop_uid, int(job["id"]))
     return int(job["id"])
 
 
