@@ -205,6 +205,8 @@ def _naive_handler(spool_dir: Path, sink: SqliteSink):  # noqa: ANN202 - benchma
 
 #: Set by --no-fsync (diagnostic): os.fsync no-op and sqlite synchronous=OFF.
 NO_FSYNC = False
+#: sqlite ``PRAGMA synchronous`` of the benchmark sink (--sink-sync).
+SINK_SYNC = "FULL"
 
 VARIANTS: dict[str, str] = {
     "naive": "plain pynetdicom handler: decode dataset, save_as, fsync; default 16 KiB PDU",
@@ -217,7 +219,7 @@ VARIANTS: dict[str, str] = {
 def run_node(src: Path, work: Path, pdu: int | None, variant: str, n: int) -> float:
     """One run against the node (or the naive baseline handler); returns seconds."""
     spool_dir = work / "spool"
-    sink = SqliteSink(work / "state.sqlite", "OFF" if NO_FSYNC else "FULL")
+    sink = SqliteSink(work / "state.sqlite", "OFF" if NO_FSYNC else SINK_SYNC)
     if variant == "naive":
         from pynetdicom import AE, evt
         from pynetdicom.sop_class import CTImageStorage as CT
@@ -277,6 +279,7 @@ def fsync_cost(work: Path, size: int, n: int = 30) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the results."""
+    global NO_FSYNC, SINK_SYNC
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--reps", type=int, default=3)
@@ -297,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="DIAGNOSTIC ONLY: make os.fsync a no-op to measure the Python-side cost",
     )
+    parser.add_argument(
+        "--sink-sync",
+        choices=["FULL", "NORMAL"],
+        default="FULL",
+        help="sqlite synchronous mode of the benchmark sink (WAL journal)",
+    )
     parser.add_argument("--profile", type=Path, default=None, help="pyinstrument HTML of node runs")
     args = parser.parse_args(argv)
     if shutil.which("storescu") is None or shutil.which("storescp") is None:
@@ -316,13 +325,15 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(p.stat().st_size for p in paths)
         per_inst = total / len(paths)
         floor = fsync_cost(base, int(per_inst))
+        SINK_SYNC = args.sink_sync
         if args.no_fsync:
-            global NO_FSYNC
             NO_FSYNC = True
             os.fsync = lambda fd: None  # type: ignore[assignment]
+            os.fdatasync = lambda fd: None  # type: ignore[assignment]
         print(
             f"series: {len(paths)} instances, {total / 1e6:.1f} MB; "
-            f"pdu={pdu or 'DCMTK default'}; cpus={os.cpu_count()}; workdir={base}"
+            f"pdu={pdu or 'DCMTK default'}; sink sqlite synchronous={SINK_SYNC}; "
+            f"cpus={os.cpu_count()}; workdir={base}"
         )
         print(
             f"durable_write of one {per_inst / 1e3:.0f} kB instance: {floor * 1e3:.2f} ms "

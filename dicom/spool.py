@@ -95,6 +95,15 @@ def instance_path(spool_root: Path | str, study: str, series: str, sop: str) -> 
     return Path(spool_root) / study / series / f"{sop}.dcm"
 
 
+def _fdatasync(fd: int) -> None:
+    """Flush file data and the metadata needed to read it back (size, blocks)."""
+    sync = getattr(os, "fdatasync", None)
+    if sync is None:  # pragma: no cover - macOS/Windows
+        os.fsync(fd)
+    else:
+        sync(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     """fsync a directory so that entries created or renamed in it are durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -153,7 +162,7 @@ def durable_write(path: Path | str, write_fn: Callable[[BinaryIO], object]) -> P
         with os.fdopen(fd, "wb") as fh:
             write_fn(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            _fdatasync(fh.fileno())
         os.replace(tmp_name, final)
     except BaseException:
         try:
