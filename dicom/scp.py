@@ -49,6 +49,8 @@ from pydicom.uid import (
     UID,
 )
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.sop_class import (
     CTImageStorage,
@@ -81,6 +83,7 @@ __all__ = [
     "accepted_transfer_syntaxes",
     "decode_header",
     "encode_file_head",
+    "encode_store_success_rsp",
     "quiet_pynetdicom",
     "store_instance",
     "tune_association",
@@ -627,10 +630,12 @@ def tune_association(assoc: Any) -> bool:
     response leaves, and each new request is noticed, up to 1 ms late), its association
     thread sleeps 1 ms between non-blocking checks for a decoded message, and it reads
     each PDU in 4 KiB ``recv`` calls. With a synchronous C-STORE peer these waits add up
-    per instance. This function, applied once per association, (1) makes the
-    association thread wait on the message queue (woken as soon as a message is
-    complete), (2) shortens the DUL poll interval and (3) reads whole PDUs with
-    ``recv_into``. It relies on pynetdicom internals and does nothing (returns
+    per instance; and it builds and encodes a pydicom data set (twice) for every
+    response. This function, applied once per association, (1) makes the association
+    thread wait on the message queue (woken as soon as a message is complete),
+    (2) shortens the DUL poll interval, (3) reads whole PDUs with ``recv_into`` and
+    (4) encodes plain C-STORE success responses directly
+    (:func:`encode_store_success_rsp`; ``EVT_DIMSE_SENT`` is not triggered for those). It relies on pynetdicom internals and does nothing (returns
     ``False``) when they are not as expected.
 
     Parameters
@@ -674,10 +679,69 @@ def tune_association(assoc: Any) -> bool:
             del buf[nr_read:]
         return buf
 
+    original_send = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        encoded = encode_store_success_rsp(primitive)
+        max_pdu = dimse.maximum_pdu_size
+        if encoded is None or (max_pdu and len(encoded) + 7 > max_pdu):
+            original_send(primitive, context_id)
+            return
+        pdata = P_DATA()
+        # Control header 0x03: command, last fragment (PS3.8 E.2)
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+        dul.send_pdu(pdata)
+
     dimse.get_msg = get_msg
+    dimse.send_msg = send_msg
     sock.recv = recv
     dul._run_loop_delay = DUL_POLL_INTERVAL_S
     return True
+
+
+def _implicit_element(group_elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", 0x0000, group_elem, len(value)) + value
+
+
+def encode_store_success_rsp(primitive: Any) -> bytes | None:
+    """Encode the command set of a plain C-STORE-RSP with status Success.
+
+    The same bytes pynetdicom produces (Implicit VR Little Endian, group 0000), without
+    building and encoding a pydicom data set twice for every acknowledged instance.
+
+    Parameters
+    ----------
+    primitive : pynetdicom.dimse_primitives.C_STORE
+        The response primitive.
+
+    Returns
+    -------
+    bytes or None
+        The encoded command set, or ``None`` when `primitive` is not a success C-STORE
+        response without optional elements (the caller then uses pynetdicom's encoder).
+    """
+    if not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None:
+        return None
+    if primitive.Status != STATUS_SUCCESS:
+        return None
+    for optional in ("ErrorComment", "OffendingElement", "ErrorID"):
+        if getattr(primitive, optional, None) is not None:
+            return None
+    sop_class = primitive.AffectedSOPClassUID
+    sop_instance = primitive.AffectedSOPInstanceUID
+    if not sop_class or not sop_instance:
+        return None
+    body = b"".join(
+        (
+            _implicit_element(0x0002, _pad(str(sop_class), b"\x00")),
+            _implicit_element(0x0100, struct.pack("<H", 0x8001)),
+            _implicit_element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
+            _implicit_element(0x0800, struct.pack("<H", 0x0101)),
+            _implicit_element(0x0900, struct.pack("<H", STATUS_SUCCESS)),
+            _implicit_element(0x1000, _pad(str(sop_instance), b"\x00")),
+        )
+    )
+    return _implicit_element(0x0000, struct.pack("<L", len(body))) + body
 
 
 class StoreSCP:

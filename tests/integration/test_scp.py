@@ -579,3 +579,22 @@ def test_tls_round_trip(make_scp, sink: ListSink, tls_files: tuple[Path, Path], 
     assert report.n_success == 4
     assert len(sink.items) == 4
     assert echo("I3NODE", "127.0.0.1", server.port, ssl_context=client_ctx)
+
+
+def test_fast_store_response_matches_pynetdicom() -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from dicom.scp import encode_store_success_rsp
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = CTImageStorage
+    rsp.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.123"
+    rsp.Status = 0x0000
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    assert encode_store_success_rsp(rsp) == encode(msg.command_set, True, True)
+    rsp.Status = 0xA700
+    assert encode_store_success_rsp(rsp) is None
