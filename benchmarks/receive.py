@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import shutil
 import socket
 import sqlite3
@@ -144,6 +145,12 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
                 return
         time.sleep(0.02)
     raise RuntimeError(f"nothing listening on port {port}")
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of terminated child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_dcmtk(src: Path, work: Path, pdu: int | None) -> float:
@@ -346,14 +353,24 @@ def main(argv: list[str] | None = None) -> int:
 
             profiler = Profiler(async_mode="disabled")
         times: dict[str, list[float]] = {"storescp": [], **{v: [] for v in variants}}
+        # CPU seconds of the receiver: the node runs in this process (all its threads);
+        # storescp's is the children's CPU of a storescp run minus storescu's share,
+        # estimated from the node runs (where storescu is the only child).
+        cpu: dict[str, list[float]] = {k: [] for k in times}
+        scu_cpu: list[float] = []
         for rep in range(args.reps):
             work = base / f"rep{rep}"
             work.mkdir()
+            c0 = _children_cpu()
             times["storescp"].append(run_dcmtk(src, work, pdu))
+            cpu["storescp"].append(_children_cpu() - c0)
             for v in variants:
                 if profiler is not None:
                     profiler.start()
+                c0, p0 = _children_cpu(), time.process_time()
                 times[v].append(run_node(src, work, pdu, v, len(paths)))
+                cpu[v].append(time.process_time() - p0)
+                scu_cpu.append(_children_cpu() - c0)
                 if profiler is not None:
                     profiler.stop()
             print(
@@ -361,11 +378,18 @@ def main(argv: list[str] | None = None) -> int:
                 + "  ".join(f"{k} {len(paths) / t[-1]:.0f} inst/s" for k, t in times.items())
             )
         ref = statistics.median(times["storescp"])
-        print(f"{'target':12s} {'MB/s':>8s} {'inst/s':>8s} {'ratio':>6s}  (medians of {args.reps})")
+        scu = statistics.median(scu_cpu) if scu_cpu else 0.0
+        cpu["storescp"] = [max(0.0, c - scu) for c in cpu["storescp"]]
+        print(
+            f"{'target':12s} {'MB/s':>8s} {'inst/s':>8s} {'ratio':>6s} {'cpu ms/inst':>12s}"
+            f"  (medians of {args.reps}; storescu itself: {scu / len(paths) * 1e3:.2f} cpu ms/inst)"
+        )
         for name, ts in times.items():
             med = statistics.median(ts)
+            cpu_ms = statistics.median(cpu[name]) / len(paths) * 1e3
             print(
                 f"{name:12s} {total / 1e6 / med:8.1f} {len(paths) / med:8.1f} {ref / med:6.2f}x"
+                f" {cpu_ms:12.2f}"
                 + ("" if name == "storescp" else f"  {VARIANTS[name]}")
             )
         if profiler is not None:
