@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from dicom.scp import InstanceSink, ScpConfig, StoredInstance, StoreSCP  # noqa: E402
+from dicom.scp import ScpConfig, StoredInstance, StoreSCP  # noqa: E402
 
 LOGGER = logging.getLogger("benchmarks.receive")
 

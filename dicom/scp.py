@@ -836,8 +836,13 @@ class StoreSCP:
             server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
+        active = list(server.active_associations)
+        server.shutdown()  # no new associations; closes the listening socket
+        for assoc in active:
+            # A C-STORE being handled completes (and is acknowledged or not) first.
+            assoc.abort()
+        for assoc in active:
+            assoc.join(timeout=self.config.dimse_timeout)
         # Clean up any temp file left by an association killed mid-write.
         spool.remove_temp_files(self._spool_dir)
         LOGGER.info("Storage SCP %s stopped", self.config.ae_title)

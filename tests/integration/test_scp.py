@@ -598,3 +598,18 @@ def test_fast_store_response_matches_pynetdicom() -> None:
     assert encode_store_success_rsp(rsp) == encode(msg.command_set, True, True)
     rsp.Status = 0xA700
     assert encode_store_success_rsp(rsp) is None
+
+
+def test_stop_aborts_active_associations(make_scp, sink: ListSink) -> None:
+    server = make_scp()
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTStorageSOP, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="I3NODE")
+    assert assoc.is_established
+    assert assoc.send_c_store(make_ct_series(1)[0]).Status == 0
+    server.stop()
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not assoc.is_established
+    assert len(sink.items) == 1
