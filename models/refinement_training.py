@@ -101,9 +101,10 @@ def sample_training_slices(
     max_fraction : float, optional
         ``k`` (number of slices) is uniform in ``0 .. round(max_fraction * mean(shape[axes]))``.
     p_foreground : float, optional
-        Probability that a slice is drawn among the slices holding foreground along its axis
-        (mimics uncertainty-driven selection, which concentrates on structures); otherwise
-        uniformly among all slices.
+        Probability that a slice is drawn among the slices holding one foreground class (chosen
+        uniformly among the classes present, so small structures such as lesions are corrected
+        as often as large organs - as uncertainty-driven selection does); otherwise uniformly
+        among all slices.
     axes : sequence of int, optional
         Axes a slice may be drawn along (each slice picks one uniformly).
 
@@ -125,17 +126,22 @@ def sample_training_slices(
     k_max = int(round(max_fraction * float(np.mean([labels.shape[a] for a in axes]))))
     k = int(rng.integers(0, k_max + 1))
     out: dict[int, set[int]] = {}
-    fg_slices: dict[int, np.ndarray] = {}
+    classes: np.ndarray | None = None
+    class_slices: dict[tuple[int, int], np.ndarray] = {}
     for _ in range(k):
         axis = axes[int(rng.integers(len(axes)))]
-        idx: int
+        idx: int | None = None
         if p_foreground > 0 and rng.random() < p_foreground:
-            if axis not in fg_slices:
-                other = tuple(a for a in range(3) if a != axis)
-                fg_slices[axis] = np.flatnonzero((labels > 0).any(axis=other))
-            cand = fg_slices[axis]
-            idx = int(cand[rng.integers(len(cand))]) if len(cand) else int(rng.integers(labels.shape[axis]))
-        else:
+            if classes is None:
+                classes = np.unique(labels[labels > 0])
+            if len(classes):
+                cls = int(classes[rng.integers(len(classes))])
+                if (cls, axis) not in class_slices:
+                    other = tuple(a for a in range(3) if a != axis)
+                    class_slices[(cls, axis)] = np.flatnonzero((labels == cls).any(axis=other))
+                cand = class_slices[(cls, axis)]
+                idx = int(cand[rng.integers(len(cand))])
+        if idx is None:
             idx = int(rng.integers(labels.shape[axis]))
         out.setdefault(axis, set()).add(idx)
     return {a: sorted(v) for a, v in sorted(out.items())}
@@ -351,7 +357,7 @@ def default_refinement_overrides() -> Any:
     """Network and patch size used by :func:`train_refinement_model` by default (CPU-sized)."""
     from models.training import NetworkOverrides
 
-    return NetworkOverrides(patch_size=(32, 48, 48), features_per_stage=(16, 32, 64, 128), batch_size=2)
+    return NetworkOverrides(patch_size=(32, 48, 48), features_per_stage=(8, 16, 32, 64), batch_size=2)
 
 
 def _as_cases(
@@ -428,7 +434,7 @@ def train_refinement_model(
     *,
     encoding: Encoding = Encoding.I3DEEP_REVIEWED,
     folds: Sequence[int] | Literal["all"] = "all",
-    epochs: int = 30,
+    epochs: int = 20,
     iterations_per_epoch: int = 10,
     val_iterations: int = 1,
     progress: Callable[[Any], None] | None = None,

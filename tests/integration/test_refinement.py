@@ -29,6 +29,7 @@ from models.refinement import (
     Encoding,
     RefinementModel,
     RefinementModelError,
+    force_reviewed,
     reviewed_mask,
 )
 
@@ -36,14 +37,18 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "refinement_tests"
 LABELS = (1, 2)
 
-# Training set of the locally trained model, and held-out phantoms (make_phantoms uses
-# seed * 1000 + i, so distinct base seeds never share a phantom).
+# Training set of the locally trained model (make_phantoms uses seed * 1000 + i, so distinct
+# base seeds never share a phantom; the held-out phantoms come from the ``held_out_phantoms``
+# fixture, base seed models.demo.HELD_OUT_SEED, disjoint from this and from the demo models').
 TRAIN = {"n": 14, "seed": 71, "epochs": 20, "iterations_per_epoch": 10}
-HELD_OUT_SEED = 977
-N_HELD_OUT = 4
+# Slices per orientation asked of the "expert". The paper's 12 per orientation is meant for
+# clinical volumes; on 32x64x64 phantoms 3 x 12 slices cover most of the volume and pasting
+# them alone reaches Dice ~0.97, which would hide what the network adds.
+MAX_SLICES = 4
 # Mean Dice (organ, lesion) gain of refined over presegmentation required on held-out phantoms.
 # Measured: see the module's report in the commit message / final report; kept well below it.
 MIN_GAIN = 0.03
+MIN_GAIN_OVER_PASTE = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,12 +150,14 @@ def _presegmenter(request: pytest.FixtureRequest, refinement_model: RefinementMo
 
 
 @pytest.fixture(scope="session")
-def refined_cases(request: pytest.FixtureRequest, refinement_model: RefinementModel) -> list[Case]:
+def refined_cases(
+    request: pytest.FixtureRequest, refinement_model: RefinementModel, held_out_phantoms: list[Phantom]
+) -> list[Case]:
     presegment = _presegmenter(request, refinement_model)
     cases = []
-    for p in make_phantoms(N_HELD_OUT, seed=HELD_OUT_SEED):
+    for p in held_out_phantoms:
         seg, u = presegment(p)
-        reviewed = select_slices(u)
+        reviewed = select_slices(u, max_slices=MAX_SLICES)
         if not any(reviewed.values()):  # an ensemble that agrees everywhere: fall back to fixed slices
             reviewed = {0: [p.labels.shape[0] // 2], 1: [p.labels.shape[1] // 2], 2: [p.labels.shape[2] // 2]}
         refined = refinement_model.predict(p.image, p.spacing, p.labels, reviewed)
@@ -159,6 +166,7 @@ def refined_cases(request: pytest.FixtureRequest, refinement_model: RefinementMo
     (CACHE / "last_measurement.json").write_text(json.dumps({
         "model_dir": str(refinement_model.model_dir),
         "preseg_per_case": [mean_dice(c.preseg, c.phantom.labels, LABELS) for c in cases],
+        "paste_per_case": [mean_dice(_paste(c), c.phantom.labels, LABELS) for c in cases],
         "refined_per_case": [mean_dice(c.refined, c.phantom.labels, LABELS) for c in cases],
         "n_reviewed_slices": [sum(len(v) for v in c.reviewed.values()) for c in cases],
         **_summary(cases),
@@ -262,30 +270,25 @@ def test_refinement_improves_dice_on_held_out_phantoms(refined_cases: list[Case]
 
 
 @pytest.mark.slow
-def test_refinement_uses_corrections_beyond_reviewed_voxels(
-    refined_cases: list[Case], refinement_model: RefinementModel
-) -> None:
-    # On the voxels nobody reviewed, the network's output with corrections must be closer to the
-    # ground truth than its output without them: the corrections propagate in 3D.
-    with_c, without_c = [], []
-    for case in refined_cases:
-        p = case.phantom
-        off = ~reviewed_mask(p.labels.shape, case.reviewed)
-        plain = refinement_model.predict(p.image, p.spacing, p.labels, {})
-        with_c.append(mean_dice(np.where(off, case.refined, 0), np.where(off, p.labels, 0), LABELS))
-        without_c.append(mean_dice(np.where(off, plain, 0), np.where(off, p.labels, 0), LABELS))
-    assert np.mean(with_c) > np.mean(without_c), (with_c, without_c)
+def test_refinement_beats_pasting_the_corrections(refined_cases: list[Case]) -> None:
+    # The network must add something beyond copying the corrected slices into the
+    # presegmentation: the corrections propagate in 3D.
+    paste = [mean_dice(_paste(c), c.phantom.labels, LABELS) for c in refined_cases]
+    ref = [mean_dice(c.refined, c.phantom.labels, LABELS) for c in refined_cases]
+    assert np.mean(ref) >= np.mean(paste) + MIN_GAIN_OVER_PASTE, (np.round(paste, 3), np.round(ref, 3))
 
 
 @pytest.mark.slow
-def test_i3deep_encoding_model_and_error_paths(tmp_path: Path, refinement_model_dir: Path) -> None:
+def test_i3deep_encoding_model_and_error_paths(
+    tmp_path: Path, refinement_model_dir: Path, held_out_phantoms: list[Phantom]
+) -> None:
     # a minimal I3DEEP model trained on cross-validation fold 0 (schedule too short to be good;
     # this checks the plumbing for the other encoding)
     model_dir = _train_cached("i3deep_tiny", make_phantoms(4, seed=TRAIN["seed"]), encoding=Encoding.I3DEEP,
                               folds=(0,), epochs=1, iterations_per_epoch=2)
     model = RefinementModel(model_dir, device="cpu")
     assert model.encoding is Encoding.I3DEEP and model.n_channels == 3 and model.folds == ["0"]
-    p = make_phantoms(1, seed=HELD_OUT_SEED)[0]
+    p = held_out_phantoms[0]
     reviewed = {0: [5, 20], 2: [31]}
     out = model.predict(p.image, p.spacing, p.labels, reviewed)
     mask = reviewed_mask(p.labels.shape, reviewed)
@@ -321,8 +324,14 @@ def test_i3deep_encoding_model_and_error_paths(tmp_path: Path, refinement_model_
         RefinementModel(broken)
 
 
-def _summary(cases: Sequence[Case]) -> Mapping[str, float]:  # pragma: no cover - used for reports
+def _paste(case: Case) -> np.ndarray:
+    """The presegmentation with the corrected slices pasted in (no network)."""
+    return force_reviewed(case.preseg, case.phantom.labels, reviewed_mask(case.preseg.shape, case.reviewed))
+
+
+def _summary(cases: Sequence[Case]) -> Mapping[str, float]:
     return {
         "preseg": float(np.mean([mean_dice(c.preseg, c.phantom.labels, LABELS) for c in cases])),
+        "paste": float(np.mean([mean_dice(_paste(c), c.phantom.labels, LABELS) for c in cases])),
         "refined": float(np.mean([mean_dice(c.refined, c.phantom.labels, LABELS) for c in cases])),
     }
