@@ -229,18 +229,19 @@ def run_node(src: Path, work: Path, pdu: int | None, variant: str, n: int) -> fl
     sink = SqliteSink(work / "state.sqlite", "OFF" if NO_FSYNC else SINK_SYNC)
     if variant == "naive":
         from pynetdicom import AE, evt
-        from pynetdicom.sop_class import CTImageStorage as CT
 
         from dicom.scp import quiet_pynetdicom
 
         quiet_pynetdicom()
         ae = AE("I3NODE")
-        ae.add_supported_context(CT, [ExplicitVRLittleEndian])
+        ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
         server = ae.start_server(
             ("127.0.0.1", 0),
             block=False,
             evt_handlers=[(evt.EVT_C_STORE, _naive_handler(spool_dir, sink))],
         )
+        if server is None:  # pragma: no cover - block=False always returns the server
+            raise RuntimeError("pynetdicom did not return a server")
         port = server.server_address[1]
         try:
             elapsed = storescu(port, src, pdu)

@@ -34,36 +34,38 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, cast, runtime_checkable
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import (
+    UID,
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    RLELossless,
-    UID,
-)
-from pynetdicom import AE, _config, evt
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.sop_class import (
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    EnhancedMRImageStorage,
     KeyObjectSelectionDocumentStorage,
     LegacyConvertedEnhancedCTImageStorage,
     LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
+    RLELossless,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
-    Verification,
 )
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+    evt,
+)
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 
 from dicom import spool
 
@@ -74,6 +76,8 @@ __all__ = [
     "STATUS_RECORD_FAILED",
     "STATUS_SUCCESS",
     "STATUS_WRITE_FAILED",
+    "STORAGE_SOP_CLASSES",
+    "VERIFICATION_SOP_CLASS",
     "AssociationObserver",
     "InstanceSink",
     "ScpConfig",
@@ -90,6 +94,9 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger(__name__)
+
+#: Verification SOP Class.
+VERIFICATION_SOP_CLASS = UID("1.2.840.10008.1.1")
 
 STATUS_SUCCESS = 0x0000
 #: Refused, out of resources: spool free space below the configured reserve.
@@ -786,7 +793,7 @@ class StoreSCP:
         ae.dimse_timeout = cfg.dimse_timeout
         ae.network_timeout = cfg.network_timeout
         ae.maximum_pdu_size = cfg.maximum_pdu_size
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
         syntaxes = accepted_transfer_syntaxes()
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, syntaxes)
@@ -809,7 +816,7 @@ class StoreSCP:
             self._spool_dir.mkdir(parents=True, exist_ok=True)
             spool.remove_temp_files(self._spool_dir)
             ae = self._make_ae()
-            handlers = [
+            handlers: list[Any] = [
                 (evt.EVT_C_STORE, self._on_c_store),
                 (evt.EVT_C_ECHO, _on_c_echo),
                 (evt.EVT_REQUESTED, self._on_requested),
@@ -914,9 +921,9 @@ class StoreSCP:
 
     def _on_c_store(self, event: evt.Event) -> Dataset | int:
         requestor = event.assoc.requestor
-        request = event.request
+        request = cast(C_STORE, event.request)
         outcome = store_instance(
-            dataset_bytes=request.DataSet.getvalue(),
+            dataset_bytes=cast(BytesIO, request.DataSet).getvalue(),
             transfer_syntax=str(event.context.transfer_syntax),
             sop_class_uid=str(request.AffectedSOPClassUID),
             sop_instance_uid=str(request.AffectedSOPInstanceUID),

@@ -30,9 +30,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 
-from dicom.scp import quiet_pynetdicom
+from dicom.scp import VERIFICATION_SOP_CLASS, quiet_pynetdicom
 
 __all__ = [
     "AssociationFailed",
@@ -548,7 +547,7 @@ def echo(
     ae.acse_timeout = acse_timeout
     ae.dimse_timeout = dimse_timeout
     ae.network_timeout = network_timeout
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
     tls_args = (ssl_context, host) if ssl_context is not None else None
     assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
     if not assoc.is_established:
