@@ -613,3 +613,33 @@ def test_stop_aborts_active_associations(make_scp, sink: ListSink) -> None:
         time.sleep(0.05)
     assert not assoc.is_established
     assert len(sink.items) == 1
+
+
+def test_association_limit(make_scp, observer: RecordingObserver) -> None:
+    server = make_scp(max_associations=1)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTStorageSOP, ExplicitVRLittleEndian)
+    first = ae.associate("127.0.0.1", server.port, ae_title="I3NODE")
+    try:
+        assert first.is_established
+        second = ae.associate("127.0.0.1", server.port, ae_title="I3NODE")
+        assert second.is_rejected
+        assert observer.rejected_calls[-1][2] == "association limit reached"
+    finally:
+        first.release()
+
+
+def test_logs_carry_no_patient_identifiers(
+    make_scp, sink: ListSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    server = make_scp()
+    datasets = make_ct_series(2)
+    datasets[1].StudyInstanceUID = "1.2.abc"  # a failure path logs too
+    with caplog.at_level(logging.DEBUG):
+        statuses = pynetdicom_store(server.port, datasets)
+    assert statuses == [0, STATUS_BAD_UID]
+    text = caplog.text
+    assert "Test^Patient" not in text and "TEST01" not in text
+    assert any(r.name.startswith("dicom.scp") for r in caplog.records)
