@@ -49,10 +49,11 @@ demo: $(STAMP)
 	$(VENV)/bin/i3node demo
 
 bench: $(STAMP) test-tools
-	$(PY) benchmarks/receive.py
-	$(PY) benchmarks/seg.py
-	$(PY) benchmarks/inference.py
-	$(PY) benchmarks/memory.py
+	$(PY) -m benchmarks.receive
+	$(PY) -m benchmarks.seg
+	$(PY) -m benchmarks.memory
+	$(PY) -m benchmarks.inference
+	$(PY) -m benchmarks.loop
 
 clean:
 	rm -rf $(VENV) var .cache .pytest_cache

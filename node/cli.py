@@ -296,8 +296,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _text_progress(message: str, *rest: Any) -> None:
-    sys.stderr.write(f"[train] {message}{' ' + ' '.join(map(str, rest)) if rest else ''}\n")
+def _text_progress(message: Any, *rest: Any) -> None:
+    """Progress lines on stderr: plain messages or model-training events."""
+    if hasattr(message, "stage") and hasattr(message, "message"):
+        pct = f" {message.fraction * 100:3.0f}%" if getattr(message, "fraction", None) is not None else ""
+        line = f"[{message.stage}{pct}] {message.message}"
+    else:
+        line = f"[i3node] {message}{' ' + ' '.join(map(str, rest)) if rest else ''}"
+    sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
 
