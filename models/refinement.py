@@ -29,7 +29,17 @@ stated explicitly under an extra top-level key that nnU-Net ignores::
 :func:`encoding_from_dataset_json` reads the ``"i3node"`` key and, when it is absent, falls back
 to counting the trailing ``noNorm`` channels against the number of foreground labels.
 
-torch and nnunetv2 are imported lazily, only by :class:`RefinementModel`.
+Training and inference geometry
+-------------------------------
+During training (``models.refinement_training``) the correction channels are drawn on the
+preprocessed volume and stay exactly binary through augmentation.  At inference nnU-Net's own
+preprocessing runs on the encoded input: where the volume's spacing differs from the plans'
+target spacing, nnU-Net resamples every channel with its image interpolation (order 3), so
+the correction channels reach the network slightly smoothed.  The final labels are forced to
+the expert's on every reviewed voxel in the original geometry either way.
+
+torch and nnunetv2 are imported lazily, only by :class:`RefinementModel` (through
+``models.nnunet.EnsemblePredictor``).
 """
 
 from __future__ import annotations
