@@ -14,7 +14,7 @@ Model: the demo presegmentation ensemble (3 folds; built or taken from the cache
 Printed: median times, the overhead ratio i3node / baseline (target <= 1.15) and the share of
 uncertainty + slice selection in the i3node total (target < 2%).
 
-Run: ``python -m benchmarks.inference [--shape 64 128 128] [--repeat 3] [--device cpu]``.
+Run: ``python -m benchmarks.inference [--shape 64 128 128] [--repeat 2] [--device cpu]``.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _model_dir(cache: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if available)")
     parser.add_argument("--model", type=Path, default=None, help="nnU-Net results folder (default: demo model)")
     parser.add_argument("--baseline", choices=("probs", "seg"), default="probs")
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         bare_t.append(run_bare()["total"])
         ens_t.append(run_ens())
     tb = statistics.median(bare_t)
-    te = statistics.median(r["total"] for r in ens_t)
+    ens_totals = [r["total"] for r in ens_t]
+    te = statistics.median(ens_totals)
     tu = statistics.median(r["uncertainty"] for r in ens_t)
     ratio = te / tb
     share = tu / te
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bare nnU-Net ({args.baseline}, logit average of {ens.n_members} folds): {tb:.2f} s "
           f"(runs {', '.join(f'{v:.2f}' for v in bare_t)})")
     print(f"i3node members + uncertainty + selection:  {te:.2f} s "
-          f"(runs {', '.join(f'{r['total']:.2f}' for r in ens_t)})")
+          f"(runs {', '.join(f'{v:.2f}' for v in ens_totals)})")
     print(f"overhead ratio i3node / bare: {ratio:.3f}  (target <= 1.15) {'OK' if ratio <= 1.15 else 'MISSED'}")
     print(f"uncertainty + selection: {tu * 1000:.1f} ms = {share * 100:.2f}% of i3node total "
           f"(target < 2%) {'OK' if share < 0.02 else 'MISSED'}")

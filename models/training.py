@@ -448,22 +448,21 @@ def _plan_and_preprocess_here(
     progress: ProgressCallback | None,
 ) -> Path:
     ov = overrides
-    with nnunet_environment(raw_root, preprocessed_root, None), _quiet():
-        # the planner calls torch.set_num_threads(nnUNet_n_proc_DA): 0 (our training default) fails
-        saved_da = os.environ.get("nnUNet_n_proc_DA")
-        os.environ["nnUNet_n_proc_DA"] = str(max(1, int(num_processes)))
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-            extract_fingerprint_dataset,
-            plan_experiment_dataset,
-            preprocess_dataset,
-        )
-        from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+    with nnunet_environment(raw_root, preprocessed_root, None), _nnunet_da_processes(num_processes):
+        with _quiet():
+            from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+                extract_fingerprint_dataset,
+                plan_experiment_dataset,
+                preprocess_dataset,
+            )
+            from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
 
         t0 = time.perf_counter()
         try:
-            extract_fingerprint_dataset(dataset_id, num_processes=num_processes, check_dataset_integrity=False,
-                                        clean=True, verbose=False, show_progress_bar=False)
-            _plans, plans_identifier = plan_experiment_dataset(dataset_id)
+            with _quiet():
+                extract_fingerprint_dataset(dataset_id, num_processes=num_processes, check_dataset_integrity=False,
+                                            clean=True, verbose=False, show_progress_bar=False)
+                _plans, plans_identifier = plan_experiment_dataset(dataset_id)
         except Exception as exc:
             raise TrainingError(f"planning dataset {dataset_id} in {raw_root} failed: {exc}") from exc
         ds_name = convert_id_to_dataset_name(dataset_id)
@@ -482,18 +481,29 @@ def _plan_and_preprocess_here(
                                       {"seconds": t_plan}))
         t1 = time.perf_counter()
         try:
-            preprocess_dataset(dataset_id, plans_identifier, (configuration,), (num_processes,),
-                               verbose=False, show_progress_bar=False)
+            with _quiet():
+                preprocess_dataset(dataset_id, plans_identifier, (configuration,), (num_processes,),
+                                   verbose=False, show_progress_bar=False)
         except Exception as exc:
             raise TrainingError(f"preprocessing dataset {dataset_id} failed: {exc}") from exc
         t_pre = time.perf_counter() - t1
-        if saved_da is None:
-            os.environ.pop("nnUNet_n_proc_DA", None)
-        else:
-            os.environ["nnUNet_n_proc_DA"] = saved_da
         _emit(progress, ProgressEvent("preprocess", f"preprocessed {ds_name} in {t_pre:.1f} s", 1.0,
                                       {"seconds": t_pre}))
     return plans_file
+
+
+@contextlib.contextmanager
+def _nnunet_da_processes(n: int) -> Iterator[None]:
+    """nnU-Net's planner calls ``torch.set_num_threads(nnUNet_n_proc_DA)``: 0 would fail there."""
+    saved = os.environ.get("nnUNet_n_proc_DA")
+    os.environ["nnUNet_n_proc_DA"] = str(max(1, int(n)))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("nnUNet_n_proc_DA", None)
+        else:
+            os.environ["nnUNet_n_proc_DA"] = saved
 
 
 def write_splits(preprocessed_dataset_dir: Path, n_splits: int, *, seed: int = 12345) -> Path:
@@ -567,6 +577,7 @@ def _train_folds_here(
         plans = json.loads((pre_dir / f"{plans_identifier}.json").read_text())
         dataset_json = json.loads((pre_dir / "dataset.json").read_text())
         out_dir: Path | None = None
+        caller_stdout = sys.stdout
         for k, fold in enumerate(folds):
             random.seed(seed + fold)
             np.random.seed(seed + fold)
@@ -585,7 +596,7 @@ def _train_folds_here(
                         raise TrainingError(f"trainer_options: {trainer_class.__name__} has no attribute {key!r}")
                     setattr(trainer, key, value)
                 if hasattr(trainer, "progress"):
-                    trainer.progress = progress
+                    trainer.progress = _with_stdout(progress, caller_stdout)
                 trainer.run_training()
                 out_dir = Path(trainer.output_folder_base)
                 inference_name = getattr(trainer, "inference_trainer_name", "nnUNetTrainer")
@@ -596,6 +607,19 @@ def _train_folds_here(
         if out_dir is None:
             raise ValueError("folds: empty")
         return out_dir
+
+
+def _with_stdout(progress: ProgressCallback | None, stream: Any) -> ProgressCallback | None:
+    """Run ``progress`` with ``stream`` as stdout (it is called from inside :func:`_quiet`)."""
+    if progress is None:
+        return None
+    cb = progress
+
+    def call(event: ProgressEvent) -> None:
+        with contextlib.redirect_stdout(stream):
+            cb(event)
+
+    return call
 
 
 def train_folds(

@@ -1,7 +1,11 @@
 """The nnU-Net deep-ensemble wrapper on the tiny demo presegmentation model (real nnU-Net).
 
-Numbers measured on 2 CPU cores with the default ``DemoSpec`` (12 training phantoms
-32x64x64, 3 folds, 12 epochs x 12 iterations) are in the module constants below.
+Measured with the default ``DemoSpec`` (12 training phantoms 32x64x64, 3 folds, 12 epochs x
+12 iterations, 2 CPU cores) on the 4 held-out phantoms (``make_phantoms(4, seed=77)``):
+ensemble organ Dice 0.886 / 0.921 / 0.943 / 0.940, per fold 0.86-0.95; lesion Dice 0.0 (the tiny
+model never reaches lesion probability 0.05: the presegmentation is imperfect by a wide margin);
+fold argmaxes disagree on 1.3-1.9 % of the voxels (0.7-1.5 % per pair); mean normalised entropy
+0.61 where they disagree vs 0.016-0.019 where they agree.
 """
 from __future__ import annotations
 
@@ -10,20 +14,22 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from models.demo import DemoModels
+from models.demo import DemoModels, build_demo_models
 from models.metrics import dice_per_class
 from models.nnunet import EnsemblePredictor, ModelError, bare_predictor
+from models.training import NetworkOverrides, write_raw_dataset
 from models.uncertainty import EnsembleAccumulator, predictive_entropy
 
 pytestmark = pytest.mark.slow
 
-#: Held-out organ Dice of the ensemble must stay above this (measured mean: see report).
+#: Held-out organ Dice of the ensemble must stay above this (measured mean 0.92).
 ORGAN_DICE_FLOOR = 0.75
 #: The presegmentation must stay imperfect on lesions (room for the refinement model).
 LESION_DICE_CEILING = 0.95
@@ -199,3 +205,62 @@ def test_checkpoints_load_without_our_trainer(demo_models: DemoModels, tmp_path:
                          timeout=600, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LOADED-OK" in out.stdout
+
+
+def test_demo_cache_is_reused_and_refinement_pluggable(demo_models: DemoModels, demo_spec: Any) -> None:
+    """Second build is a cache hit; an explicit refinement builder is called once and cached."""
+    from tests.fixtures.models import model_cache_dir
+
+    calls: list[Path] = []
+
+    def fake_builder(req: Any) -> Path:
+        calls.append(req.out_dir)
+        assert req.preseg_dir == demo_models.preseg_dir
+        assert len(req.cases) == demo_spec.n_train
+        out = req.out_dir / "nnUNet_results" / "Dataset999_fake" / "T__P__3d_fullres"
+        out.mkdir(parents=True)
+        return out
+
+    version = f"test-{uuid.uuid4().hex}"
+    first = build_demo_models(model_cache_dir(), spec=demo_spec, refinement_builder=fake_builder,
+                              refinement_version=version)
+    entry = first.refine_dir.parents[2] if first.refine_dir is not None else None
+    try:
+        again = build_demo_models(model_cache_dir(), spec=demo_spec, refinement_builder=fake_builder,
+                                  refinement_version=version)
+        assert len(calls) == 1
+        assert first.preseg_dir == demo_models.preseg_dir == again.preseg_dir
+        assert first.refine_dir == again.refine_dir and first.refine_dir is not None
+        assert first.spec_hash == again.spec_hash != demo_models.spec_hash.split("-")[0]
+        assert (entry / "COMPLETE.json").is_file()
+    finally:
+        if entry is not None:
+            shutil.rmtree(entry, ignore_errors=True)
+            Path(f"{entry}.lock").unlink(missing_ok=True)
+
+
+def test_network_overrides_strides() -> None:
+    ov = NetworkOverrides(patch_size=(32, 48, 48), features_per_stage=(8, 16, 32, 64))
+    assert ov.resolved_strides() == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    assert NetworkOverrides(patch_size=(16, 48, 48)).resolved_strides() == [
+        [1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
+    with pytest.raises(ValueError, match="patch_size: axis 1"):
+        NetworkOverrides(patch_size=(32, 44, 48), strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+                         ).resolved_strides()
+
+
+def test_raw_dataset_spacing_round_trip(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    img = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    lab = (img > 60).astype(np.uint8)
+    ds = write_raw_dataset(tmp_path, 42, "Spacing", [img], [lab], (3.0, 2.0, 1.0), {0: "CT"},
+                           {"background": 0, "thing": 1})
+    back = sitk.ReadImage(str(ds / "imagesTr" / "case_0000_0000.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), img)
+    assert back.GetSpacing() == (1.0, 2.0, 3.0)  # SimpleITK order (x, y, z)
+    dj = json.loads((ds / "dataset.json").read_text())
+    assert dj["channel_names"] == {"0": "CT"} and dj["labels"] == {"background": 0, "thing": 1}
+    with pytest.raises(ValueError, match="channel"):
+        write_raw_dataset(tmp_path, 42, "Spacing", [np.stack([img, img])], [lab], (3.0, 2.0, 1.0), {0: "CT"},
+                          {"background": 0, "thing": 1})
