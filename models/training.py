@@ -903,6 +903,21 @@ def train_presegmentation(
 
 
 # --------------------------------------------------------------------------- child entry
+def _exit_with_parent(poll_s: float = 2.0) -> None:
+    """Stop this child process when the process that started it goes away."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="i3node-parent-watch", daemon=True).start()
+
+
 def _child_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.training",
                                      description="internal: run nnU-Net planning/training in isolation")
@@ -910,6 +925,7 @@ def _child_main(argv: Sequence[str]) -> int:
     parser.add_argument("args_json")
     ns = parser.parse_args(argv)
     args = json.loads(ns.args_json)
+    _exit_with_parent()
     # Keep the real stdout for progress lines; everything else printed goes to stderr.
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
