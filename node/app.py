@@ -132,7 +132,8 @@ class App:
         if self.metrics is not None:
             self._metrics_server = self.metrics.start_http(s.metrics.port)
         self.scheduler.every("sweep", s.study.sweep_interval_s, self.sweep)
-        self.scheduler.every("jobs", 1.0, self.runner.run_once, executor="models")
+        if s.node.job_workers > 0:
+            self.scheduler.every("jobs", 1.0, self.runner.run_once, executor="models")
         self.scheduler.every("export", 1.0, self.exporter.run_once)
         if self.audit_sink is not None:
             self.scheduler.every("audit-flush", 5.0, self.audit_sink.flush)

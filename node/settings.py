@@ -82,6 +82,7 @@ class NodeSettings:
     state_dir: Path = _f(Path("var"), "Directory for spool, outputs, database and logs; relative paths are resolved against the working directory.")
     log_level: str = _f("INFO", "Log level of the node's own loggers.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     name: str = _f("i3node", "Name of this node, shown in status output and metrics.")
+    job_workers: int = _f(1, "Model jobs run at once on this node (one per GPU); 0 = receive and deliver only, for a node that shares its database with nodes that run the models.", minimum=0, maximum=1)
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,8 @@ def test_default_allow_list_accepts_any_ae_from_loopback(node_factory, ct_series
 
 
 def test_stable_sweep_creates_one_job_per_matching_series_and_late_instance_reopens(node_factory, ct_series_dir) -> None:
-    app = node_factory(selection=[{"modalities": ["CT"], "min_slices": 10}])
+    # A receive-only node (job_workers = 0): jobs are created and stay queued.
+    app = node_factory(node={"job_workers": 0}, selection=[{"modalities": ["CT"], "min_slices": 10}])
     big, _ = ct_series_dir(n_slices=12, name="a", study_uid="1.2.3.4", series_uid="1.2.3.4.1")
     small, _ = ct_series_dir(n_slices=4, name="b", study_uid="1.2.3.4", series_uid="1.2.3.4.2")
     assert storescu(big + small, app.port).returncode == 0
