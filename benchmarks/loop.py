@@ -49,7 +49,7 @@ def one_round(models: Any, shape: tuple[int, int, int], seed: int, workdir: Path
     from dicom.seg_reader import read_segmentation
     from node.app import build_app
     from node.cli import write_synthetic_study
-    from node.demo import ViewerInbox, demo_settings, slices_named_by_kos, viewer_style_seg
+    from node.demo import ViewerInbox, correct_named_slices, demo_settings, slices_named_by_kos, viewer_style_seg
 
     paths, gt_file = write_synthetic_study(workdir / "study", seed=seed, shape=shape)
     gt = np.load(gt_file)["labels"]
@@ -74,11 +74,7 @@ def one_round(models: Any, shape: tuple[int, int, int], seed: int, workdir: Path
         named = slices_named_by_kos(kos, source, images)
         segs = default_segment_specs()
         ai = read_segmentation(pydicom.dcmread(inbox.of_class(SEG)[0].path), source, segs).labels
-        corrected = ai.copy()
-        for axis, idx in named.items():
-            sl: list[Any] = [slice(None)] * 3
-            sl[axis] = idx
-            corrected[tuple(sl)] = gt[tuple(sl)]
+        corrected = correct_named_slices(ai, gt, named)
         uids = UidFactory("2.25")
         edit = viewer_style_seg(source, corrected, segs, series_uid=uids.new(), sop_uid=uids.new())
         t0 = time.monotonic()

@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from dicom.scp import ScpConfig, StoredInstance, StoreSCP
 from node.settings import Settings, settings_from_mapping
 
-__all__ = ["DemoReport", "run_demo", "demo_settings", "ViewerInbox", "slices_named_by_kos", "viewer_style_seg"]
+__all__ = ["DemoReport", "run_demo", "demo_settings", "ViewerInbox", "slices_named_by_kos", "correct_named_slices", "viewer_style_seg"]
 
 Progress = Callable[..., None]
 KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
@@ -157,6 +157,16 @@ def slices_named_by_kos(kos: Dataset, source: Sequence[Dataset], images: Sequenc
 
     walk(kos.ContentSequence)
     return {a: sorted(v) for a, v in sorted(named.items())}
+
+
+def correct_named_slices(ai_labels: np.ndarray, truth: np.ndarray, named: dict[int, list[int]]) -> np.ndarray:
+    """The radiologist stand-in: the AI labels with every named slice replaced by the truth."""
+    corrected = ai_labels.copy()
+    for axis, indices in named.items():
+        sl: list[Any] = [slice(None)] * 3
+        sl[axis] = list(indices)
+        corrected[tuple(sl)] = truth[tuple(sl)]
+    return corrected
 
 
 def viewer_style_seg(
@@ -312,11 +322,7 @@ def _loop(app: Any, inbox: ViewerInbox, settings: Settings, paths: list[Path], s
     n_named = sum(len(v) for v in named.values())
     if n_named != len(report.picks):
         report.problems.append(f"the KOS names {n_named} slices but the node picked {len(report.picks)}")
-    corrected = ai_labels.copy()
-    for axis, indices in named.items():
-        sl: list[Any] = [slice(None)] * 3
-        sl[axis] = indices
-        corrected[tuple(sl)] = gt[tuple(sl)]
+    corrected = correct_named_slices(ai_labels, gt, named)
     say(f"radiologist corrects the {n_named} named slices and the viewer sends the edited SEG back")
     uids = UidFactory("2.25")
     edit = viewer_style_seg(source, corrected, segments, series_uid=uids.new(), sop_uid=uids.new())

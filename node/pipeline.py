@@ -331,6 +331,43 @@ def run_segmentation(ctx: PipelineContext, job_id: int) -> None:
     log.info("job %d: presegmentation exported, %d slice(s) requested for review", job_id, len(picks))
 
 
+def _write_seg(
+    ctx: PipelineContext,
+    headers: list[Dataset],
+    labels: np.ndarray,
+    uids: Mapping[str, str],
+    outdir: Path,
+    *,
+    version: int,
+) -> tuple[Path, Dataset]:
+    """Build and durably write a version's SEG, or reuse it if a previous run wrote it.
+
+    Version 1 is the AI presegmentation (AUTOMATIC), later versions are refinements
+    (SEMIAUTOMATIC).  Reusing the file is what keeps a re-run after a crash from sending
+    a second, different SEG under the same UIDs.
+    """
+    s = ctx.settings
+    path = outdir / f"{uids['seg_sop']}.dcm"
+    if path.exists():
+        return path, pydicom.dcmread(path)
+    seg = build_segmentation(
+        headers,
+        labels,
+        ctx.segments,
+        model_id=s.models.model_id,
+        model_version=ctx.model_version,
+        series_uid=uids["seg_series"],
+        sop_uid=uids["seg_sop"],
+        series_number=s.outputs.series_number_base + (1 if version == 1 else 10 + version),
+        kind=SegKind.PRESEG if version == 1 else SegKind.REFINED,
+        version=version,
+        keep_empty_frames=s.outputs.keep_empty_frames,
+        uid_root=s.outputs.uid_root,
+    )
+    _write_dataset(seg, path)
+    return path, seg
+
+
 def _export_presegmentation(
     ctx: PipelineContext,
     job_id: int,
@@ -347,25 +384,7 @@ def _export_presegmentation(
     s = ctx.settings
     base = s.outputs.series_number_base
     files: list[OutputFile] = []
-    seg_path = outdir / f"{uids['seg_sop']}.dcm"
-    if seg_path.exists():
-        seg = pydicom.dcmread(seg_path)
-    else:
-        seg = build_segmentation(
-            headers,
-            labels,
-            ctx.segments,
-            model_id=s.models.model_id,
-            model_version=ctx.model_version,
-            series_uid=uids["seg_series"],
-            sop_uid=uids["seg_sop"],
-            series_number=base + 1,
-            kind=SegKind.PRESEG,
-            version=1,
-            keep_empty_frames=s.outputs.keep_empty_frames,
-            uid_root=s.outputs.uid_root,
-        )
-        _write_dataset(seg, seg_path)
+    seg_path, seg = _write_seg(ctx, headers, labels, uids, outdir, version=1)
     files.append(OutputFile(uids["seg_sop"], "seg", uids["seg_series"], seg_path))
 
     mpr_datasets: list[Dataset] = []
@@ -516,23 +535,7 @@ def run_refinement(ctx: PipelineContext, job_id: int, correction_sop_uid: str) -
     store.set_job_state(job_id, JobState.EXPORTING, data=data, reason=f"exporting v{version}")
     t0 = time.monotonic()
     uids = output_uids(ctx.uids, job_id, job["series_uid"], version)
-    out = work / f"v{version}" / f"{uids['seg_sop']}.dcm"
-    if not out.exists():
-        seg = build_segmentation(
-            headers,
-            refined,
-            ctx.segments,
-            model_id=s.models.model_id,
-            model_version=ctx.model_version,
-            series_uid=uids["seg_series"],
-            sop_uid=uids["seg_sop"],
-            series_number=s.outputs.series_number_base + 10 + version,
-            kind=SegKind.REFINED,
-            version=version,
-            keep_empty_frames=s.outputs.keep_empty_frames,
-            uid_root=s.outputs.uid_root,
-        )
-        _write_dataset(seg, out)
+    out, _seg = _write_seg(ctx, headers, refined, uids, work / f"v{version}", version=version)
     ctx.register_outputs(job_id, version, [OutputFile(uids["seg_sop"], "seg", uids["seg_series"], out)])
     timings[f"export_v{version}"] = _timed(ctx, "export", t0)
     applied.append(correction_sop_uid)

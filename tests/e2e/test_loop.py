@@ -24,7 +24,7 @@ from dicom.seg_reader import read_segmentation
 from dicom.validate import dciodvfy
 from models.metrics import dice
 from node.cli import write_synthetic_study
-from node.demo import slices_named_by_kos, viewer_style_seg
+from node.demo import correct_named_slices, slices_named_by_kos, viewer_style_seg
 from node.store import JobState
 from tests.fixtures.node_fixtures import dcmtk_env, storescu
 
@@ -136,11 +136,7 @@ def test_whole_loop_with_dcmtk_viewer(node_factory, viewer, demo_models, tmp_pat
     assert named == {a: sorted(p["index"] for p in picks if p["axis"] == a) for a in {p["axis"] for p in picks}}
     segs = default_segment_specs()
     ai_labels = read_segmentation(ai_seg, source, segs).labels
-    corrected = ai_labels.copy()
-    for axis, idx in named.items():
-        sl: list[Any] = [slice(None)] * 3
-        sl[axis] = idx
-        corrected[tuple(sl)] = gt[tuple(sl)]
+    corrected = correct_named_slices(ai_labels, gt, named)
     uids = UidFactory("2.25")
     edit = viewer_style_seg(source, corrected, segs, series_uid=uids.new(), sop_uid=uids.new())
     edit_path = tmp_path / "edit.dcm"
