@@ -49,7 +49,7 @@ demo: $(STAMP)
 	$(VENV)/bin/i3node demo
 
 bench: $(STAMP) test-tools
-	$(PY) -m benchmarks.receive
+	$(PY) -m benchmarks.receive --variants all
 	$(PY) -m benchmarks.seg
 	$(PY) -m benchmarks.memory
 	$(PY) -m benchmarks.inference
