@@ -434,7 +434,7 @@ def train_refinement_model(
     *,
     encoding: Encoding = Encoding.I3DEEP_REVIEWED,
     folds: Sequence[int] | Literal["all"] = "all",
-    epochs: int = 20,
+    epochs: int = 12,
     iterations_per_epoch: int = 10,
     val_iterations: int = 1,
     progress: Callable[[Any], None] | None = None,
@@ -467,7 +467,10 @@ def train_refinement_model(
         ``"all"`` (default) trains one model on every case (stored as ``fold_0`` with a
         single train=val split); otherwise those cross-validation folds (3 splits at least).
     epochs, iterations_per_epoch, val_iterations : int, optional
-        Schedule.  The defaults train in about 2 minutes on 2 CPU cores (32x64x64 phantoms).
+        Schedule (default 12 x 10 iterations, CPU-sized: about 2-3 minutes of training on 2
+        idle CPU cores for 32x64x64 phantoms, several times longer on a loaded machine).
+        Too short to learn small structures (the phantoms' lesion) from the corrections; use
+        hundreds of epochs on a GPU for real models.
     progress : callable, optional
         Receives ``models.training.ProgressEvent`` objects.
     device : str, optional

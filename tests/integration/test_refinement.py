@@ -40,7 +40,7 @@ LABELS = (1, 2)
 # Training set of the locally trained model (make_phantoms uses seed * 1000 + i, so distinct
 # base seeds never share a phantom; the held-out phantoms come from the ``held_out_phantoms``
 # fixture, base seed models.demo.HELD_OUT_SEED, disjoint from this and from the demo models').
-TRAIN = {"n": 14, "seed": 71, "epochs": 20, "iterations_per_epoch": 10}
+TRAIN = {"n": 14, "seed": 71, "epochs": 12, "iterations_per_epoch": 10}
 # Slices per orientation asked of the "expert". The paper's 12 per orientation is meant for
 # clinical volumes; on 32x64x64 phantoms 3 x 12 slices cover most of the volume and pasting
 # them alone reaches Dice ~0.97, which would hide what the network adds.
@@ -241,6 +241,7 @@ def test_simulating_dataset_appends_fresh_code_channel() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the first slow test may build the models on a busy machine
 def test_results_folder_is_standard_nnunet(refinement_model_dir: Path) -> None:
     import torch
 
@@ -255,6 +256,7 @@ def test_results_folder_is_standard_nnunet(refinement_model_dir: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the first slow test may build the models on a busy machine
 def test_reviewed_slices_match_expert_exactly(refined_cases: list[Case]) -> None:
     for case in refined_cases:
         mask = reviewed_mask(case.refined.shape, case.reviewed)
@@ -264,6 +266,7 @@ def test_reviewed_slices_match_expert_exactly(refined_cases: list[Case]) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the first slow test may build the models on a busy machine
 def test_refinement_improves_dice_on_held_out_phantoms(refined_cases: list[Case]) -> None:
     pre = [mean_dice(c.preseg, c.phantom.labels, LABELS) for c in refined_cases]
     ref = [mean_dice(c.refined, c.phantom.labels, LABELS) for c in refined_cases]
@@ -272,6 +275,7 @@ def test_refinement_improves_dice_on_held_out_phantoms(refined_cases: list[Case]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the first slow test may build the models on a busy machine
 def test_refinement_not_worse_than_pasting_the_corrections(refined_cases: list[Case]) -> None:
     # Baseline without any network: the corrected slices pasted into the presegmentation.
     # At the CPU-sized training budget of these tests the refinement network does not yet
@@ -284,6 +288,7 @@ def test_refinement_not_worse_than_pasting_the_corrections(refined_cases: list[C
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the first slow test may build the models on a busy machine
 def test_i3deep_encoding_model_and_error_paths(
     tmp_path: Path, refinement_model_dir: Path, held_out_phantoms: list[Phantom]
 ) -> None:
