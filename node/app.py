@@ -24,7 +24,7 @@ from node.exporter import Exporter, OutputFile, register_outputs
 from node.pipeline import SEG_SOP_CLASS, PipelineContext, Refiner, Segmenter
 from node.runner import JobRunner
 from node.settings import Settings
-from node.store import InstanceRecord, Store
+from node.store import InstanceRecord, Store, instances
 from node.studies import sweep_stable_studies
 from node.scheduler import NodeScheduler
 
@@ -89,6 +89,48 @@ class StoreSink:
                     self._on_correction()
 
 
+def recover_spool(store: Store, spool_dir: Path) -> int:
+    """Record every spooled instance whose row is missing; returns how many.
+
+    The SCP fsyncs each file before its row is committed, and the database runs in WAL
+    mode with ``synchronous=NORMAL``: after a power loss the last rows may be gone while
+    their files are on disk.  Those instances were acknowledged, so they are recorded
+    again here before the node accepts new associations.  Only UIDs are read.
+    """
+    import pydicom
+
+    if not spool_dir.is_dir():
+        return 0
+    known = {str(r["path"]) for r in store.iter_rows(instances)}
+    n = 0
+    for path in sorted(spool_dir.glob("*/*/*.dcm")):
+        if str(path) in known:
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            rec = InstanceRecord(
+                study_uid=str(ds.StudyInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                sop_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                modality=str(ds.get("Modality", "")),
+                path=path,
+                size=path.stat().st_size,
+                calling_ae=str(getattr(ds.file_meta, "SourceApplicationEntityTitle", "") or ""),
+                series_description=str(ds.get("SeriesDescription", "")),
+                series_number=int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
+                instance_number=int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None,
+            )
+        except Exception as exc:  # a file we cannot read is left in place and reported
+            log.error("spooled file %s cannot be re-recorded: %s", path, exc)
+            continue
+        store.record_instance(rec)
+        n += 1
+    if n:
+        log.warning("re-recorded %d spooled instance(s) whose database rows were lost", n)
+    return n
+
+
 @dataclass
 class App:
     """A running (or ready to run) node."""
@@ -125,6 +167,7 @@ class App:
         s = self.settings
         if self.audit is not None:
             self.audit.config_loaded(s.source or "(embedded defaults)", s.source_sha256)
+        recover_spool(self.store, s.spool_dir)
         resumed = self.store.resume_unfinished()
         if resumed:
             log.info("resuming %d unfinished job(s) after restart: %s", len(resumed), resumed)

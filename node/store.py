@@ -1,9 +1,13 @@
 """State store: studies, series, instances, jobs, outputs and deliveries.
 
-One database behind SQLAlchemy Core.  SQLite in WAL mode with ``synchronous=FULL``
-is the default (a committed row survives power loss, which is what lets the SCP
-acknowledge an instance only after its row is committed); any other SQLAlchemy URL,
-e.g. PostgreSQL, works for several nodes sharing work.
+One database behind SQLAlchemy Core.  SQLite in WAL mode is the default; any other
+SQLAlchemy URL, e.g. PostgreSQL, works for several nodes sharing work.
+
+Durability: the SCP acknowledges an instance only after its file is fsynced and its
+row committed.  SQLite runs with ``synchronous=NORMAL`` (a commit survives a crash of
+the process, not necessarily a power loss); rows lost to a power loss are rebuilt
+from the fsynced spool files when the node starts (:func:`node.app.recover_spool`),
+so nothing acknowledged is lost and one flush per instance is saved.
 
 Only UIDs, AE titles, counts, paths built from UIDs and timestamps are stored here:
 no patient attributes.
@@ -186,7 +190,7 @@ class RecordOutcome:
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()

@@ -87,3 +87,27 @@ def test_stable_sweep_creates_one_job_per_matching_series_and_late_instance_reop
     assert study["reopened"] == 1
     assert _wait(lambda: app.store.studies()[0]["state"] == "stable")
     assert len(app.store.jobs()) == 1, "the late single-slice series does not match the rules"
+
+
+def test_rows_lost_to_a_power_cut_are_rebuilt_from_the_spool(node_factory, ct_series_dir, tmp_path) -> None:
+    import sqlalchemy as sa
+
+    from node.app import build_app, recover_spool
+    from node.store import instances, series, studies
+    from tests.fixtures.node_fixtures import make_settings
+
+    app = node_factory(node={"job_workers": 0}, study={"stable_after_s": 3600.0})
+    paths, _ = ct_series_dir(n_slices=5)
+    assert storescu(paths, app.port).returncode == 0
+    app.stop()
+    # Simulate a power cut after the files were fsynced but before the rows reached disk.
+    with app.store.engine.begin() as c:
+        c.execute(sa.delete(instances).where(instances.c.instance_number > 2))
+        c.execute(sa.update(series).values(n_instances=2))
+        c.execute(sa.update(studies).values(n_instances=2))
+    app2 = build_app(make_settings(tmp_path, node={"job_workers": 0}))
+    assert app2.store.count_instances() == 2
+    assert recover_spool(app2.store, app2.settings.spool_dir) == 3
+    assert app2.store.count_instances() == 5
+    assert recover_spool(app2.store, app2.settings.spool_dir) == 0
+    app2.store.close()
