@@ -11,7 +11,7 @@ APT_TEST_PACKAGES := dcmtk dicom3tools systemd
 export TCP_NODELAY := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test demo bench venv test-tools clean help
+.PHONY: test demo bench venv test-tools clean help install-service
 
 help:
 	@echo "make demo   - run the whole i3node loop on loopback with tiny local models"
@@ -57,3 +57,34 @@ bench: $(STAMP) test-tools
 
 clean:
 	rm -rf $(VENV) var .cache .pytest_cache
+
+# Install as a systemd service (as root): dedicated user, code + venv under /opt/i3node,
+# config in /etc/i3node, the hardened unit. DESTDIR=/some/dir stages the layout without
+# touching the system (no user, no systemctl); GPU=1 adds the NVIDIA drop-in.
+PREFIX ?= /opt/i3node
+DESTDIR ?=
+install-service:
+	@set -e; \
+	if [ -z "$(DESTDIR)" ]; then \
+	  id -u i3node >/dev/null 2>&1 || useradd --system --user-group --home-dir /var/lib/i3node \
+	    --no-create-home --shell /usr/sbin/nologin i3node; \
+	fi; \
+	install -d -m 0755 $(DESTDIR)$(PREFIX)/src $(DESTDIR)/etc/i3node $(DESTDIR)/etc/systemd/system; \
+	git ls-files -z | xargs -0 -I{} install -D -m 0644 {} $(DESTDIR)$(PREFIX)/src/{}; \
+	install -m 0644 systemd/i3node.service $(DESTDIR)/etc/systemd/system/i3node.service; \
+	if [ "$(GPU)" = "1" ]; then install -D -m 0644 systemd/gpu.conf $(DESTDIR)/etc/systemd/system/i3node.service.d/gpu.conf; fi; \
+	if [ ! -e $(DESTDIR)/etc/i3node/i3node.toml ]; then \
+	  sed 's|^state_dir = "var"|state_dir = "/var/lib/i3node"|; s|^cache_dir = ".cache/demo-models"|cache_dir = "/var/cache/i3node/demo-models"|' \
+	    config/i3node.example.toml > $(DESTDIR)/etc/i3node/i3node.toml; \
+	  chmod 0640 $(DESTDIR)/etc/i3node/i3node.toml; \
+	fi; \
+	if [ -z "$(DESTDIR)" ]; then \
+	  chgrp i3node /etc/i3node/i3node.toml; \
+	  test -x $(PREFIX)/.venv/bin/python || $(PYTHON) -m venv $(PREFIX)/.venv; \
+	  $(PREFIX)/.venv/bin/pip install --quiet --upgrade pip; \
+	  $(PREFIX)/.venv/bin/pip install --quiet $(PREFIX)/src; \
+	  systemctl daemon-reload; \
+	  echo "installed: edit /etc/i3node/i3node.toml, then: systemctl enable --now i3node"; \
+	else \
+	  echo "staged under $(DESTDIR)"; \
+	fi

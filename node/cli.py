@@ -238,6 +238,25 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Purge old spooled inputs and delivered outputs per [retention] (never undelivered ones)."""
+    from node.retention import dry_run, execute_purge, plan_purge
+    from node.store import Store
+
+    settings = _settings(args)
+    r = settings.retention
+    store = Store(settings.database_url)
+    try:
+        plan = plan_purge(store, time.time(), r.spool_days, r.outputs_days)
+        sys.stdout.write(dry_run(plan) + "\n")
+        if not args.dry_run:
+            result = execute_purge(store, plan)
+            sys.stdout.write(f"purged: {result}\n")
+    finally:
+        store.close()
+    return 0
+
+
 def _shape(text: str) -> tuple[int, int, int]:
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -336,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("job", type=int, help="job id (see i3node status)")
     s.add_argument("--config")
     s.set_defaults(func=cmd_retry)
+
+    s = sub.add_parser("purge", help="delete old inputs and delivered outputs per [retention]")
+    s.add_argument("--config")
+    s.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    s.set_defaults(func=cmd_purge)
 
     s = sub.add_parser("make-study", help="write a synthetic CT study with ground truth")
     s.add_argument("out", help="output folder")
