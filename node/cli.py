@@ -389,6 +389,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from node.demo import run_demo
 
     setup_logging("INFO")
+    logging.getLogger("models").setLevel(logging.WARNING)  # training progress is printed by the callback
     report = run_demo(Path(args.workdir), size=args.size, keep=args.keep, progress=_text_progress)
     sys.stdout.write(report.render() + "\n")
     return 0 if report.ok else 1

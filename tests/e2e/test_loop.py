@@ -5,6 +5,7 @@ DCMTK ``storescp`` plays the viewer, ``dciodvfy`` validates every object the nod
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -95,7 +96,8 @@ def kos_references(kos: pydicom.Dataset) -> set[str]:
     return refs
 
 
-def test_whole_loop_with_dcmtk_viewer(node_factory, viewer, demo_models, tmp_path: Path) -> None:
+def test_whole_loop_with_dcmtk_viewer(node_factory, viewer, demo_models, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
     viewer_port, viewer_dir = viewer
     app = node_factory(
         models={"preseg_dir": str(demo_models.preseg_dir), "refine_dir": str(demo_models.refine_dir), "device": "cpu"},
@@ -165,6 +167,13 @@ def test_whole_loop_with_dcmtk_viewer(node_factory, viewer, demo_models, tmp_pat
     before = np.mean([dice(ai_labels, gt, c) for c in (1, 2)])
     after = np.mean([dice(refined_labels, gt, c) for c in (1, 2)])
     assert after >= before + MIN_DICE_GAIN, (before, after)
+
+    # No patient attribute in any log record or in the audit trail, which did record the loop.
+    audit = app.settings.audit_path.read_text()
+    assert "corrected_seg_ingested" in audit and "association_accepted" in audit
+    for value in ("Phantom", "I3N-0101", "19700101"):
+        assert value not in caplog.text, f"{value!r} leaked into the logs"
+        assert value not in audit, f"{value!r} leaked into the audit trail"
 
 
 def test_seg_matching_no_job_is_kept_and_reported(node_factory, demo_models, tmp_path: Path) -> None:
