@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from dicom.scp import STATUS_SUCCESS, StoredInstance, store_instance
@@ -158,7 +159,8 @@ def test_full_flow_never_writes_patient_attributes(tmp_path: Path) -> None:
     observer.accepted("PACS", "127.0.0.1")
     for f in files + files[:1]:  # the last one is a duplicate
         out = store_instance(
-            file_meta_and_dataset=_encoded(f), sop_class_uid=str(datasets[0].SOPClassUID),
+            dataset_bytes=_encoded(f)[1], transfer_syntax=str(pydicom.dcmread(f).file_meta.TransferSyntaxUID),
+            sop_class_uid=str(datasets[0].SOPClassUID), sop_instance_uid=str(pydicom.dcmread(f).SOPInstanceUID),
             spool_dir=tmp_path / "spool", min_free_bytes=0, sink=sink, calling_ae="PACS", peer_address="127.0.0.1",
         )
         assert out.status == STATUS_SUCCESS
