@@ -382,7 +382,13 @@ class EnsemblePredictor:
         p.mc_modules = self._dropout_modules if mc_seed is not None else []
         dims = [a + 1 for a in mirror]  # data is (c, z, y, x)
         x = torch.flip(data, dims) if dims else data
-        with _quiet(), torch.random.fork_rng(devices=[] if self.device.type != "cuda" else [self.device]):
+        if mc_seed is None:
+            rng: Any = contextlib.nullcontext()
+        else:  # seeded dropout masks without disturbing the caller's RNG state
+            cuda_devices = [] if self.device.type != "cuda" else [
+                torch.cuda.current_device() if self.device.index is None else self.device.index]
+            rng = torch.random.fork_rng(devices=cuda_devices)
+        with _quiet(), rng:
             if mc_seed is not None:
                 torch.manual_seed(mc_seed)
             logits = p.predict_sliding_window_return_logits(x)

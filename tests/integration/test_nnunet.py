@@ -264,3 +264,27 @@ def test_raw_dataset_spacing_round_trip(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="channel"):
         write_raw_dataset(tmp_path, 42, "Spacing", [np.stack([img, img])], [lab], (3.0, 2.0, 1.0), {0: "CT"},
                           {"background": 0, "thing": 1})
+
+
+def test_mc_dropout_members(demo_models: DemoModels, case: Any, tmp_path: Path) -> None:
+    """Dropout layers added through plans.json (they have no weights) give MC-dropout members."""
+    model = _copy_model(demo_models.preseg_dir, tmp_path / "Drop__Plans__3d_fullres")
+    plans = json.loads((model / "plans.json").read_text())
+    for cfg in plans["configurations"].values():
+        kw = cfg["architecture"]["arch_kwargs"]
+        kw["dropout_op"] = "torch.nn.modules.dropout.Dropout3d"
+        kw["dropout_op_kwargs"] = {"p": 0.2, "inplace": True}
+    (model / "plans.json").write_text(json.dumps(plans))
+    import torch  # the dropout module shifts the norm layer's index in each conv block
+
+    ckpt_path = model / "fold_0" / "checkpoint_final.pth"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt["network_weights"] = {k.replace(".all_modules.1.", ".all_modules.2."): v
+                               for k, v in ckpt["network_weights"].items()}
+    torch.save(ckpt, ckpt_path)
+    mc = EnsemblePredictor(model, folds=[0], mc_dropout=3, device="cpu", seed=5)
+    assert [m.mc_pass for m in mc.members] == [0, 1, 2]
+    first = mc.predict_members(case.image, case.spacing)
+    np.testing.assert_allclose(first.sum(axis=1), 1.0, atol=1e-4)
+    assert np.abs(first[1] - first[0]).max() > 1e-3
+    np.testing.assert_array_equal(mc.predict_members(case.image, case.spacing), first)  # seeded
