@@ -569,6 +569,12 @@ class RefinementModel:
                 tile_step_size=self._tile_step_size,
             )
         except ModelError as exc:
+            if "size mismatch" in str(exc):
+                raise RefinementModelError(
+                    f"{self.model_dir}: the checkpoint's network does not take the {self.n_channels} input "
+                    f"channel(s) dataset.json lists ({self.n_image_channels} image + "
+                    f"{self.encoding.value} corrections): {exc}"
+                ) from exc
             raise RefinementModelError(f"cannot load refinement model {self.model_dir}: {exc}") from exc
         network = getattr(getattr(ensemble, "_predictor", None), "network", None)
         in_ch = _network_input_channels(network) if network is not None else None
