@@ -42,8 +42,11 @@ test-tools:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# The tiny demo models are trained once (cached in .cache/demo-models) before the tests,
+# with progress, so that no test's time limit includes model training.
 test: $(STAMP) test-tools
-	$(PY) -m pytest -q
+	$(VENV)/bin/i3node train demo-models
+	$(PY) -m pytest -q --durations=15
 
 demo: $(STAMP)
 	$(VENV)/bin/i3node demo

@@ -2,7 +2,7 @@
 
 Each phantom is an elliptical body (soft tissue, ~0-40 HU) in air (-1000 HU) containing one
 organ (~60 HU, a randomly rotated and smoothly deformed ellipsoid that never touches the
-volume edges) with one lesion inside it (hypodense ~25 HU or hyperdense ~100 HU, varying
+volume edges) with one lesion inside it (hypodense ~0-15 HU or hyperdense ~115-135 HU, varying
 size), plus a bone-like structure outside the organ, a smooth low-frequency intensity
 variation, a slight blur and Gaussian noise.  Labels: 0 background, 1 organ, 2 lesion.
 
@@ -187,7 +187,7 @@ def make_phantom(
     # Lesion: small deformed ellipsoid centred deep inside the organ.
     inside = ndimage.distance_transform_edt(organ, sampling=tuple(2.0 / (n - 1) for n in shp))
     depth_max = float(inside.max())
-    radius = rng.uniform(0.22, 0.50) * depth_max
+    radius = rng.uniform(0.40, 0.65) * depth_max
     candidates = np.argwhere(inside >= max(radius * 1.15, 0.5 * depth_max))
     if len(candidates) == 0:  # pragma: no cover - defensive
         candidates = np.argwhere(inside >= depth_max)
@@ -208,7 +208,7 @@ def make_phantom(
     soft = rng.uniform(15.0, 30.0)
     organ_hu = rng.uniform(55.0, 68.0)
     hypo = rng.random() < 0.65
-    lesion_hu = rng.uniform(18.0, 32.0) if hypo else rng.uniform(95.0, 115.0)
+    lesion_hu = rng.uniform(0.0, 15.0) if hypo else rng.uniform(115.0, 135.0)
     image = np.full(shp, _AIR_HU, dtype=np.float64)
     image[body] = soft
     # Subcutaneous fat rim.
@@ -223,7 +223,7 @@ def make_phantom(
     image += np.where(body, rng.uniform(6.0, 12.0) * bias, 0.0)
 
     image = ndimage.gaussian_filter(image, sigma=(0.5, 0.7, 0.7), mode="nearest")
-    noise_sigma = rng.uniform(15.0, 25.0)
+    noise_sigma = rng.uniform(12.0, 20.0)
     image += rng.normal(0.0, noise_sigma, size=shp)
 
     return Phantom(image=image.astype(np.float32), labels=labels, spacing=spc)

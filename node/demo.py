@@ -35,6 +35,8 @@ Progress = Callable[..., None]
 KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 DEFAULT_SIZE = (32, 64, 64)
+DEMO_MAX_SLICES = 4
+DEMO_MIN_DIST = 0.1
 
 
 @dataclass
@@ -113,6 +115,9 @@ def demo_settings(workdir: Path, viewer_port: int, preseg_dir: Path, refine_dir:
             "node": {"state_dir": str(workdir / "node")},
             "dicom": {"port": 0, "min_free_mb": 64},
             "study": {"stable_after_s": 2.0, "sweep_interval_s": 0.5},
+            # The paper's 12 slices per orientation are meant for hundreds of slices; on the
+            # 32-slice demo study that would ask for more slices than carry the organ.
+            "acquisition": {"max_slices": DEMO_MAX_SLICES, "min_dist": DEMO_MIN_DIST},
             "models": {"preseg_dir": str(preseg_dir), "refine_dir": str(refine_dir), "device": "cpu"},
             "destinations": [{"ae_title": "VIEWER", "host": "127.0.0.1", "port": viewer_port}],
             "delivery": {"backoff_initial_s": 1.0, "backoff_max_s": 5.0},

@@ -25,7 +25,7 @@ from dicom.seg_reader import read_segmentation
 from dicom.validate import dciodvfy
 from models.metrics import dice
 from node.cli import write_synthetic_study
-from node.demo import correct_named_slices, slices_named_by_kos, viewer_style_seg
+from node.demo import DEMO_MAX_SLICES, DEMO_MIN_DIST, correct_named_slices, slices_named_by_kos, viewer_style_seg
 from node.store import JobState
 from tests.fixtures.node_fixtures import dcmtk_env, storescu
 
@@ -103,6 +103,7 @@ def test_whole_loop_with_dcmtk_viewer(node_factory, viewer, demo_models, tmp_pat
         models={"preseg_dir": str(demo_models.preseg_dir), "refine_dir": str(demo_models.refine_dir), "device": "cpu"},
         destinations=[{"ae_title": "VIEWER", "host": "127.0.0.1", "port": viewer_port}],
         delivery={"backoff_initial_s": 0.5, "backoff_max_s": 2.0},
+        acquisition={"max_slices": DEMO_MAX_SLICES, "min_dist": DEMO_MIN_DIST},
     )
     paths, gt_file = write_synthetic_study(tmp_path / "study", seed=101, shape=(32, 64, 64))
     gt = np.load(gt_file)["labels"]
@@ -119,6 +120,7 @@ def test_whole_loop_with_dcmtk_viewer(node_factory, viewer, demo_models, tmp_pat
     got = received(viewer_dir)
     picks = app.store.job_data(job["id"])["picks"]
     assert picks, "the node asked for no slice"
+    assert len(picks) <= 3 * DEMO_MAX_SLICES
 
     # Every output passes dciodvfy; the KOS references resolve to objects that exist.
     outputs = [ds for cls in got.values() for ds in cls]
