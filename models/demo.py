@@ -91,8 +91,15 @@ class DemoSpec:
     overrides: NetworkOverrides = field(default_factory=NetworkOverrides)
 
     def key(self) -> str:
-        """Hash of the specification (16 hex digits)."""
-        payload = json.dumps({"version": _PRESEG_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        """Hash of the specification and of the training data it produces (16 hex digits).
+
+        The data fingerprint (the first training phantom's image and labels) makes a
+        change to the phantom generator invalidate cached models, not only a change
+        of this specification.
+        """
+        first = training_phantoms(dataclasses.replace(self, n_train=1))[0]
+        data = hashlib.sha256(first.image.tobytes() + first.labels.tobytes()).hexdigest()[:16]
+        payload = json.dumps({"version": _PRESEG_VERSION, "data": data, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
