@@ -298,8 +298,68 @@ def cmd_make_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_nifti_cases(images: Path, labels: Path) -> list[Any]:
+    """Labelled training volumes from two folders of NIfTI files with matching names.
+
+    Raises
+    ------
+    UsageError
+        When a folder is missing or empty, a label file is missing, or shapes differ.
+    """
+    import SimpleITK as sitk
+
+    from models.training import TrainingCase
+
+    for d in (images, labels):
+        if not d.is_dir():
+            raise UsageError(f"{d}: not a folder")
+    files = sorted(p for p in images.iterdir() if p.name.endswith((".nii", ".nii.gz")))
+    if not files:
+        raise UsageError(f"{images}: no .nii or .nii.gz files")
+    cases = []
+    for f in files:
+        lab = labels / f.name
+        if not lab.is_file():
+            raise UsageError(f"{lab}: label file for {f.name} is missing")
+        img = sitk.ReadImage(str(f))
+        seg = sitk.ReadImage(str(lab))
+        arr, lab_arr = sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(seg)
+        if arr.shape != lab_arr.shape:
+            raise UsageError(f"{f.name}: image shape {arr.shape} differs from label shape {lab_arr.shape}")
+        sx, sy, sz = img.GetSpacing()
+        cases.append(TrainingCase(image=arr.astype("float32"), labels=lab_arr.astype("uint8"), spacing=(sz, sy, sx)))
+    return cases
+
+
+def cmd_train_model(args: argparse.Namespace) -> int:
+    """Train a presegmentation ensemble or a refinement model on NIfTI volumes."""
+    setup_logging("INFO")
+    cases = load_nifti_cases(Path(args.images), Path(args.labels))
+    classes = tuple(args.classes.split(","))
+    if len(classes) < 2 or classes[0] != "background":
+        raise UsageError("--classes must start with 'background', e.g. background,organ,lesion")
+    t0 = time.monotonic()
+    if args.what == "preseg":
+        from models.training import train_presegmentation
+
+        out = train_presegmentation(
+            cases, Path(args.out), folds=args.folds, epochs=args.epochs,
+            iterations_per_epoch=args.iterations, class_names=classes, progress=_text_progress,
+        )
+    else:
+        from models.refinement import Encoding
+        from models.refinement_training import train_refinement_model
+
+        out = train_refinement_model(
+            cases, Path(args.out), encoding=Encoding(args.encoding), epochs=args.epochs,
+            iterations_per_epoch=args.iterations, class_names=classes, progress=_text_progress,
+        )
+    sys.stdout.write(f"trained in {time.monotonic() - t0:.0f} s; nnU-Net results folder: {out}\n")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train models (currently: the demo models)."""
+    """Build the demo models."""
     from models.demo import build_demo_models
 
     settings = _settings(args)
@@ -375,6 +435,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-dir", help="where to build (default: models.cache_dir)")
     t.add_argument("--force", action="store_true", help="rebuild even if cached")
     t.set_defaults(func=cmd_train)
+    for what, helptext in (("preseg", "presegmentation ensemble (one nnU-Net fold per member)"),
+                           ("refine", "refinement model fed with simulated corrections")):
+        t = tsub.add_parser(what, help=f"{helptext} from NIfTI images and labels")
+        t.add_argument("--images", required=True, help="folder of images (.nii/.nii.gz)")
+        t.add_argument("--labels", required=True, help="folder of label maps with the same file names")
+        t.add_argument("--out", required=True, help="work folder (gets nnUNet_raw/_preprocessed/_results)")
+        t.add_argument("--classes", default="background,organ,lesion", help="class names, background first")
+        t.add_argument("--epochs", type=int, default=50)
+        t.add_argument("--iterations", type=int, default=250, help="iterations per epoch")
+        if what == "preseg":
+            t.add_argument("--folds", type=int, default=5, help="ensemble members (nnU-Net folds)")
+        else:
+            t.add_argument("--encoding", choices=("i3deep", "i3deep+reviewed"), default="i3deep+reviewed")
+        t.set_defaults(func=cmd_train_model)
 
     s = sub.add_parser("demo", help="the whole i3Deep loop on loopback with tiny models")
     s.add_argument("--size", type=_shape, default=None, help="study size, slices x rows x columns")

@@ -82,3 +82,27 @@ def test_install_service_staged_layout(tmp_path: Path) -> None:
     s = load_settings(cfg)
     assert s.state_dir == Path("/var/lib/i3node")
     assert s.model_cache_dir == Path("/var/cache/i3node/demo-models")
+
+
+def test_train_reads_nifti_folders_and_names_what_is_wrong(tmp_path: Path) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from node.cli import UsageError, load_nifti_cases
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    arr = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.5, 0.75, 2.0))  # x, y, z
+    sitk.WriteImage(img, str(images / "case1.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray((arr > 50).astype(np.uint8)), str(labels / "case1.nii.gz"))
+    (case,) = load_nifti_cases(images, labels)
+    np.testing.assert_array_equal(case.image, arr)
+    assert case.spacing == (2.0, 0.75, 0.5) and case.labels.sum() == (arr > 50).sum()
+    sitk.WriteImage(img, str(images / "case2.nii.gz"))
+    with pytest.raises(UsageError, match="case2.nii.gz: label file for case2.nii.gz is missing"):
+        load_nifti_cases(images, labels)
+    res = i3node("train", "preseg", "--images", str(tmp_path / "nope"), "--labels", str(labels), "--out", str(tmp_path))
+    assert res.returncode == 2 and "not a folder" in res.stderr
