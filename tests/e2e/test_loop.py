@@ -145,9 +145,11 @@ def test_whole_loop_with_dcmtk_viewer(node_factory, viewer, demo_models, tmp_pat
     edit = viewer_style_seg(source, corrected, segs, series_uid=uids.new(), sop_uid=uids.new())
     edit_path = tmp_path / "edit.dcm"
     edit.save_as(edit_path)
-    assert storescu([edit_path], app.port, calling_ae="VIEWER").returncode == 0
+    # -R: propose only the contexts needed, as a viewer does (DCMTK's default list of
+    # every storage class exceeds 128 contexts and leaves SEG out).
+    assert storescu([edit_path], app.port, calling_ae="VIEWER", extra=("-R",)).returncode == 0
     # The same corrected SEG arriving twice triggers one refinement.
-    assert storescu([edit_path], app.port, calling_ae="VIEWER").returncode == 0
+    assert storescu([edit_path], app.port, calling_ae="VIEWER", extra=("-R",)).returncode == 0
 
     wait_for(lambda: len(received(viewer_dir).get(SEG, [])) >= 2, 300, "the refined SEG at the viewer")
     wait_for(lambda: app.store.job(job["id"])["state"] == JobState.DONE.value, 60, "job done")
@@ -189,7 +191,7 @@ def test_seg_matching_no_job_is_kept_and_reported(node_factory, demo_models, tmp
     stray = viewer_style_seg(source, np.load(gt_file)["labels"], default_segment_specs(), series_uid=uids.new(), sop_uid=uids.new())
     stray_path = tmp_path / "stray.dcm"
     stray.save_as(stray_path)
-    assert storescu([stray_path], app.port, calling_ae="VIEWER").returncode == 0
+    assert storescu([stray_path], app.port, calling_ae="VIEWER", extra=("-R",)).returncode == 0
     app.runner.run_once()
     (row,) = app.store.corrections()
     assert row["state"] == "unmatched" and "no job awaiting corrections" in row["reason"]
