@@ -156,9 +156,10 @@ class App:
     def sweep(self, now: float | None = None) -> list[int]:
         """Run the stable-study sweep once; returns the ids of the jobs created."""
         s = self.settings
-        return sweep_stable_studies(
-            self.store, s.selection, s.study.stable_after_s, time.time() if now is None else now
-        )
+        ids = sweep_stable_studies(self.store, s.selection, s.study.stable_after_s, time.time() if now is None else now)
+        if ids and self._started:
+            self.scheduler.wake("jobs")  # start now, not at the next poll
+        return ids
 
     def start(self) -> None:
         """Start receiving and the periodic work; returns immediately."""

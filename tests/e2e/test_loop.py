@@ -33,9 +33,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.dcmtk, pytest.mark.dciodvfy]
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
-# Measured on the demo models: mean Dice (organ, lesion) rises by about 0.1-0.2 after one
-# round of corrections on a 32x64x64 phantom; assert a margin well above noise.
-MIN_DICE_GAIN = 0.02
+# Measured on the demo models with 4 slices per orientation on a 32x64x64 phantom: mean Dice
+# (organ, lesion) rises by about 0.3 after one round of corrections (demo: 0.474 -> 0.788);
+# the margin leaves room for other seeds.
+MIN_DICE_GAIN = 0.1
 
 
 def free_port() -> int:
