@@ -33,6 +33,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from dicom.provenance import UidFactory
 from dicom.seg_writer import MANUFACTURER, SourceGeometry
+from dicom.values import format_ds
 
 __all__ = [
     "CT_IMAGE_STORAGE",
@@ -65,21 +66,6 @@ class VolumeValues(enum.Enum):
     """Modality values (HU for CT): RescaleSlope/Intercept already applied."""
     STORED = "STORED"
     """Stored pixel values of the source slices (no rescale applied)."""
-
-
-def _ds(value: float) -> str:
-    """Format a float for a DS element (at most 16 characters)."""
-    v = float(value)
-    if v == 0 or abs(v) < 1e-9:
-        return "0"
-    for digits in range(10, 0, -1):
-        text = f"{v:.{digits}g}"
-        if "e" in text:
-            mantissa, exponent = text.split("e")
-            text = f"{mantissa}e{int(exponent)}"
-        if len(text) <= 16:
-            return text
-    raise ValueError(f"cannot format {value!r} as DS")
 
 
 def _plane(geometry: SourceGeometry, axis: ReformatAxis) -> tuple[
@@ -295,10 +281,10 @@ def build_reformatted_images(
         ref_series.ReferencedInstanceSequence = instances
         ds.ReferencedSeriesSequence = [ref_series]
         # Image Plane
-        ds.PixelSpacing = [_ds(pixel_spacing[0]), _ds(pixel_spacing[1])]
-        ds.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
-        ds.ImagePositionPatient = [_ds(v) for v in position]
-        ds.SliceThickness = _ds(thickness)
+        ds.PixelSpacing = [format_ds(pixel_spacing[0]), format_ds(pixel_spacing[1])]
+        ds.ImageOrientationPatient = [format_ds(v) for v in (*row_dir, *col_dir)]
+        ds.ImagePositionPatient = [format_ds(v) for v in position]
+        ds.SliceThickness = format_ds(thickness)
         # Image Pixel
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
@@ -310,8 +296,8 @@ def build_reformatted_images(
         ds.add_new(0x7FE00010, "OW", pixels.tobytes())
         # Modality image module
         if modality == "CT":
-            ds.RescaleIntercept = _ds(intercept)
-            ds.RescaleSlope = _ds(slope)
+            ds.RescaleIntercept = format_ds(intercept)
+            ds.RescaleSlope = format_ds(slope)
             ds.RescaleType = first.get("RescaleType", "HU")
             ds.KVP = first.get("KVP", "")
             ds.AcquisitionNumber = first.get("AcquisitionNumber", "")
@@ -324,7 +310,7 @@ def build_reformatted_images(
                 if key in first:
                     ds[key] = first[key]
             if "RescaleSlope" in first:
-                ds.RescaleSlope, ds.RescaleIntercept = _ds(slope), _ds(intercept)
+                ds.RescaleSlope, ds.RescaleIntercept = format_ds(slope), format_ds(intercept)
             ds.AcquisitionNumber = first.get("AcquisitionNumber", "")
         # VOI LUT
         for key in ("WindowCenter", "WindowWidth", "VOILUTFunction"):

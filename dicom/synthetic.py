@@ -38,6 +38,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from dicom.values import format_ds
+
 __all__ = [
     "UID_ROOT",
     "DEFAULT_ORIGIN",
@@ -264,7 +266,7 @@ def build_ct_series(
     when = study_datetime if study_datetime is not None else _dt.datetime.now(_dt.timezone.utc)
     date_str = when.strftime("%Y%m%d")
     time_str = when.strftime("%H%M%S")
-    iop = [_ds_float(v) for v in (*row, *col)]
+    iop = [format_ds(v) for v in (*row, *col)]
     window_center, window_width = 40.0, 400.0
 
     order = list(range(nz))
@@ -328,11 +330,11 @@ def build_ct_series(
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.BurnedInAnnotation = "NO"
         # Image Plane
-        ds.PixelSpacing = [_ds_float(sy), _ds_float(sx)]
+        ds.PixelSpacing = [format_ds(sy), format_ds(sx)]
         ds.ImageOrientationPatient = iop
-        ds.ImagePositionPatient = [_ds_float(v) for v in position]
-        ds.SliceThickness = _ds_float(sz)
-        ds.SliceLocation = _ds_float(float(np.dot(position, normal)))
+        ds.ImagePositionPatient = [format_ds(v) for v in position]
+        ds.SliceThickness = format_ds(sz)
+        ds.SliceLocation = format_ds(float(np.dot(position, normal)))
         # Image Pixel
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
@@ -349,8 +351,8 @@ def build_ct_series(
         ds.RescaleType = "HU"
         ds.KVP = "120"
         # VOI LUT
-        ds.WindowCenter = _ds_float(window_center)
-        ds.WindowWidth = _ds_float(window_width)
+        ds.WindowCenter = format_ds(window_center)
+        ds.WindowWidth = format_ds(window_width)
         ds.VOILUTFunction = "LINEAR"
         datasets.append(ds)
     return datasets
@@ -453,16 +455,3 @@ def _directions(
     return row, col, np.cross(row, col)
 
 
-def _ds_float(value: float) -> str:
-    """Format a float for a DS element (max 16 characters, no needless digits)."""
-    v = float(value)
-    if v == 0:
-        return "0"
-    for digits in range(16, 0, -1):
-        text = f"{v:.{digits}g}"
-        if "e" in text:
-            mantissa, exponent = text.split("e")
-            text = f"{mantissa}e{int(exponent)}"
-        if len(text) <= 16:
-            return text
-    raise ValueError(f"cannot format {value!r} as DS")
