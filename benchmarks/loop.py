@@ -61,8 +61,7 @@ def one_round(models: Any, shape: tuple[int, int, int], seed: int, workdir: Path
     app = build_app(settings)
     app.start()
     try:
-        app.runner.ctx.segmenter()  # model loading is not part of the loop
-        app.runner.ctx.refiner()
+        app.models.warm_up()  # a running node has its models loaded; loading is not part of the loop
         send_paths(paths, ae_title="I3NODE", host="127.0.0.1", port=app.port, calling_ae="PACS")
         t_last = time.monotonic()
         t_seg = _wait(lambda: len(inbox.of_class(SEG)) >= 1, 900)

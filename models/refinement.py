@@ -553,6 +553,10 @@ class RefinementModel:
                 f"channel(s) {missing} (nnU-Net's preprocessor needs an entry for every channel)"
             )
 
+    def load(self) -> None:
+        """Load the network now (otherwise it is loaded on the first :meth:`predict`)."""
+        self._load()
+
     def _load(self) -> Any:
         """The wrapped ``models.nnunet.EnsemblePredictor`` (one member per fold), loaded once."""
         if self._ensemble is not None:

@@ -141,6 +141,7 @@ class App:
     scheduler: NodeScheduler
     runner: JobRunner
     exporter: Exporter
+    models: LazyModels
     audit: AuditLog | None = None
     metrics: Metrics | None = None
     audit_sink: AuditingSink | None = None
@@ -177,6 +178,7 @@ class App:
             self._metrics_server = self.metrics.start_http(s.metrics.port)
         self.scheduler.every("sweep", s.study.sweep_interval_s, self.sweep)
         if s.node.job_workers > 0:
+            self.scheduler.soon("warm-up", self.models.warm_up, executor="models")
             self.scheduler.every("jobs", 1.0, self.runner.run_once, executor="models")
         self.scheduler.every("export", 1.0, self.exporter.run_once)
         if self.audit_sink is not None:
@@ -277,8 +279,18 @@ class LazyModels:
                 from models.refinement import RefinementModel
 
                 _, refine = self._dirs()
-                self._refiner = RefinementModel(refine, device=self._device())
+                model = RefinementModel(refine, device=self._device())
+                model.load()
+                self._refiner = model
             return self._refiner
+
+    def warm_up(self) -> None:
+        """Load both models ahead of the first job (only when model folders are configured)."""
+        m = self._settings.models
+        if m.preseg_dir and m.refine_dir:
+            self.segmenter()
+            self.refiner()
+            log.info("models loaded: %s, %s", m.preseg_dir, m.refine_dir)
 
 
 def load_segments(settings: Settings) -> tuple[SegmentSpec, ...]:
@@ -370,6 +382,7 @@ def build_app(settings: Settings) -> App:
         scheduler=scheduler,
         runner=runner,
         exporter=exporter,
+        models=models,
         audit=audit,
         metrics=metrics,
         audit_sink=audit_sink,

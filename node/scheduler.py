@@ -26,6 +26,9 @@ class NodeScheduler:
     """
 
     def __init__(self) -> None:
+        # A periodic task still running when its next run is due is skipped by design
+        # (max_instances=1); apscheduler would log a warning every interval of a long job.
+        logging.getLogger("apscheduler.scheduler").addFilter(_drop_expected_skips)
         self._sched = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(4), "models": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
@@ -45,6 +48,17 @@ class NodeScheduler:
             next_run_time=_now_dt(),
         )
 
+    def soon(self, name: str, fn: Callable[[], object], *, executor: str = "default") -> None:
+        """Run ``fn`` once, as soon as the scheduler runs."""
+
+        def guarded() -> None:
+            try:
+                fn()
+            except Exception:
+                log.exception("task %s failed", name)
+
+        self._sched.add_job(guarded, "date", run_date=_now_dt(), id=name, name=name, executor=executor)
+
     def wake(self, name: str) -> None:
         """Run a periodic task as soon as possible (e.g. after new work arrived)."""
         job = self._sched.get_job(name)
@@ -59,6 +73,11 @@ class NodeScheduler:
         """Stop; with ``wait`` the running tasks finish first."""
         if self._sched.running:
             self._sched.shutdown(wait=wait)
+
+
+def _drop_expected_skips(record: logging.LogRecord) -> bool:
+    """Logging filter: False for apscheduler's "skipped: maximum number of running instances" records."""
+    return "maximum number of running instances reached" not in record.getMessage()
 
 
 def _now_dt():  # type: ignore[no-untyped-def]
