@@ -170,6 +170,7 @@ class App:
         if self.audit is not None:
             self.audit.config_loaded(s.source or "(embedded defaults)", s.source_sha256)
         recover_spool(self.store, s.spool_dir)
+        self.store.restart_stability_clocks()
         resumed = self.store.resume_unfinished()
         if resumed:
             log.info("resuming %d unfinished job(s) after restart: %s", len(resumed), resumed)

@@ -240,6 +240,13 @@ class Store:
         with self._write_lock, self._tx() as c:
             res = c.execute(sa.select(instances.c.sop_uid).where(instances.c.sop_uid == rec.sop_uid)).first()
             if res is not None:
+                # A re-sent instance shows the sender is still at work on a study that is
+                # receiving: it keeps the stability clock from running out mid-resend.
+                c.execute(
+                    studies.update()
+                    .where(studies.c.study_uid == rec.study_uid, studies.c.state == "receiving")
+                    .values(last_received_at=now)
+                )
                 return RecordOutcome(new=False, reopened_study=False)
             st = c.execute(sa.select(studies.c.state).where(studies.c.study_uid == rec.study_uid)).first()
             reopened = False
@@ -524,6 +531,17 @@ class Store:
                 .order_by(jobs.c.id.desc())
             ).first()
         return None if r is None else r._mapping
+
+    def restart_stability_clocks(self, now: float | None = None) -> int:
+        """Restart the stability wait of every study still receiving (at node start).
+
+        While the node was down it could not see whether the sender went on, so a study
+        interrupted mid-transfer must not count as complete the moment the node is back.
+        """
+        now = time.time() if now is None else now
+        with self._write_lock, self._tx() as c:
+            res = c.execute(studies.update().where(studies.c.state == "receiving").values(last_received_at=now))
+        return int(res.rowcount or 0)
 
     def resume_unfinished(self, now: float | None = None) -> list[int]:
         """After a crash or restart: requeue interrupted jobs and corrections.

@@ -111,3 +111,34 @@ def test_rows_lost_to_a_power_cut_are_rebuilt_from_the_spool(node_factory, ct_se
     assert app2.store.count_instances() == 5
     assert recover_spool(app2.store, app2.settings.spool_dir) == 0
     app2.store.close()
+
+
+def test_restart_and_resend_do_not_complete_a_half_received_study(node_factory, ct_series_dir, tmp_path) -> None:
+    """Found by the kill -9 test: a study interrupted mid-transfer must not be swept as
+    complete the moment the node restarts, nor while the PACS re-sends what it already sent."""
+    import time as _time
+
+    from node.app import build_app
+    from tests.fixtures.node_fixtures import make_settings
+
+    app = node_factory(node={"job_workers": 0}, study={"stable_after_s": 1.5})
+    paths, _ = ct_series_dir(n_slices=20)
+    assert storescu(paths[:17], app.port).returncode == 0
+    app.stop()
+    _time.sleep(2.0)  # longer than stable_after_s while the node is down
+    app2 = build_app(make_settings(tmp_path, node={"job_workers": 0}, study={"stable_after_s": 1.5}))
+    app2.start()
+    try:
+        assert app2.sweep() == [], "the stability clock restarts with the node"
+        # The PACS re-sends everything slowly: duplicates keep the study open.
+        for p in paths[:17]:
+            assert storescu([p], app2.port).returncode == 0
+            assert app2.store.studies()[0]["state"] == "receiving"
+        assert storescu(paths[17:], app2.port).returncode == 0
+        deadline = _time.monotonic() + 20
+        while _time.monotonic() < deadline and not app2.store.jobs():
+            _time.sleep(0.1)
+        (job,) = app2.store.jobs()
+        assert app2.store.series_row(job["series_uid"])["jobbed_instances"] == 20
+    finally:
+        app2.stop()
