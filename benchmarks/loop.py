@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.nnunet import bare_predictor
     from models.phantoms import make_phantom
     from models.refinement import RefinementModel
-    from node.pipeline import reviewed_mask_of
+    from models.refinement import reviewed_mask
 
     cache = Path(os.environ.get("I3NODE_MODEL_CACHE", REPO / ".cache" / "demo-models"))
     models = build_demo_models(cache)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         bare_pre.predict_single_npy_array(ph.image[None], {"spacing": list(ph.spacing)}, None, None, False)
         pre_t.append(time.perf_counter() - t)
-        mask = reviewed_mask_of(ph.labels.shape, res["_named"])
+        mask = reviewed_mask(ph.labels.shape, res["_named"])
         t = time.perf_counter()
         bare_ref.predict(ph.image, ph.spacing, res["_corrected"], mask)
         ref_t.append(time.perf_counter() - t)

@@ -32,6 +32,7 @@ from dicom.series import SeriesError, Volume, load_series, sort_datasets
 from dicom.seg_reader import SegReadError, read_segmentation
 from dicom.seg_writer import SegKind, build_segmentation
 from dicom.spool import durable_write
+from models.refinement import reviewed_mask
 from models.acquisition import select_slices, select_slices_uss, slice_scores
 from models.uncertainty import EnsembleAccumulator
 from node.exporter import OutputFile
@@ -161,16 +162,6 @@ def reviewed_from_picks(picks: Sequence[Mapping[str, Any]]) -> dict[int, list[in
     for p in picks:
         out.setdefault(int(p["axis"]), []).append(int(p["index"]))
     return {a: sorted(set(v)) for a, v in sorted(out.items())}
-
-
-def reviewed_mask_of(shape: tuple[int, ...], reviewed: Mapping[int, Sequence[int]]) -> np.ndarray:
-    """Boolean mask of every voxel on a reviewed slice."""
-    mask = np.zeros(shape, dtype=bool)
-    for axis, indices in reviewed.items():
-        sl: list[Any] = [slice(None)] * 3
-        sl[int(axis)] = list(indices)
-        mask[tuple(sl)] = True
-    return mask
 
 
 def changed_axial_slices(node_labels: np.ndarray, corrected: np.ndarray, slices_with_frames: set[int]) -> list[int]:
@@ -518,7 +509,7 @@ def run_refinement(ctx: PipelineContext, job_id: int, correction_sop_uid: str) -
         last_labels = _read_arrays(work / f"labels_v{job['version']}.npz")["labels"] if job["version"] > 1 else _read_arrays(work / "preseg.npz")["labels"]
         changed = changed_axial_slices(last_labels, result.labels, result.slices_with_frames)
         reviewed[0] = sorted(set(reviewed.get(0, [])) | set(changed))
-    new_mask = reviewed_mask_of(result.labels.shape, reviewed)
+    new_mask = reviewed_mask(result.labels.shape, reviewed)
     prev = work / "corrections.npz"
     prev_arrays = _read_arrays(prev) if prev.exists() else {}
     expert, mask = merge_corrections(prev_arrays.get("expert"), prev_arrays.get("reviewed"), result.labels, new_mask)

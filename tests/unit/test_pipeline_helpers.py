@@ -6,13 +6,13 @@ import numpy as np
 from dicom.provenance import UidFactory
 from dicom.series import load_series
 from dicom.synthetic import build_ct_series
+from models.refinement import reviewed_mask
 from node.pipeline import (
     changed_axial_slices,
     merge_corrections,
     output_uids,
     picks_from_selection,
     reviewed_from_picks,
-    reviewed_mask_of,
 )
 
 ROOT = "1.2.826.0.1.3680043.10.1234"
@@ -48,7 +48,7 @@ def test_reviewed_from_picks_and_mask() -> None:
     picks = [{"axis": 2, "index": 1}, {"axis": 0, "index": 4}, {"axis": 0, "index": 2}, {"axis": 0, "index": 4}]
     reviewed = reviewed_from_picks(picks)
     assert reviewed == {0: [2, 4], 2: [1]}
-    mask = reviewed_mask_of((5, 3, 3), reviewed)
+    mask = reviewed_mask((5, 3, 3), reviewed)
     assert mask[2].all() and mask[4].all() and mask[:, :, 1].all()
     assert mask.sum() == 2 * 9 + 5 * 3 - 2 * 3
 
