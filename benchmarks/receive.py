@@ -219,7 +219,8 @@ VARIANTS: dict[str, str] = {
     "naive": "plain pynetdicom handler: decode dataset, save_as, fsync; default 16 KiB PDU",
     "raw-16k": "StoreSCP: raw encoded bytes + 8 decoded tags, durable_write; 16 KiB PDU",
     "raw-bigpdu": "StoreSCP as raw-16k, unlimited max PDU advertised (peer sends --pdu)",
-    "final": "StoreSCP as raw-bigpdu + low_latency association tuning (the default config)",
+    "tuned": "StoreSCP as raw-bigpdu + low_latency association tuning, pynetdicom DIMSE path",
+    "final": "StoreSCP as tuned + C-STORE fast path below pynetdicom's DIMSE (the default)",
 }
 
 
@@ -254,7 +255,8 @@ def run_node(src: Path, work: Path, pdu: int | None, variant: str, n: int) -> fl
             spool_dir=spool_dir,
             min_free_bytes=0,
             maximum_pdu_size=16382 if variant == "raw-16k" else 0,
-            low_latency=variant == "final",
+            low_latency=variant in ("tuned", "final"),
+            fast_store=variant == "final",
         )
         scp = StoreSCP(cfg, sink)
         scp.start()
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--variants",
-        default="final",
+        default="tuned,final",
         help=f"comma-separated node variants to run, interleaved (from {', '.join(VARIANTS)}; 'all')",
     )
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: tmp)")

@@ -30,7 +30,7 @@ import queue
 import ssl
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -67,7 +67,7 @@ from pynetdicom import (
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from dicom import spool
+from dicom import fast_store, spool
 
 __all__ = [
     "STATUS_BAD_UID",
@@ -282,6 +282,10 @@ class ScpConfig:
         Tune each accepted association for throughput (see :func:`tune_association`):
         event-driven dispatch of received messages, a shorter DUL poll interval and
         large socket reads. Behaviour is unchanged; only latency per message drops.
+    fast_store : bool
+        Handle C-STORE requests on storage contexts below pynetdicom's DIMSE layer
+        (:mod:`dicom.fast_store`): same statuses and files, a fraction of the CPU per
+        instance. Other messages keep pynetdicom's path either way.
     """
 
     ae_title: str = "I3NODE"
@@ -297,6 +301,7 @@ class ScpConfig:
     ssl_context: ssl.SSLContext | None = None
     maximum_pdu_size: int = 0
     low_latency: bool = True
+    fast_store: bool = True
 
     def __post_init__(self) -> None:
         if not self.ae_title or len(self.ae_title) > 16:
@@ -495,7 +500,7 @@ def _remove_durably(path: Path) -> None:
 
 def store_instance(
     *,
-    dataset_bytes: bytes,
+    dataset_bytes: bytes | Sequence[bytes | bytearray | memoryview],
     transfer_syntax: str,
     sop_class_uid: str,
     sop_instance_uid: str,
@@ -509,8 +514,9 @@ def store_instance(
 
     Parameters
     ----------
-    dataset_bytes : bytes
-        The encoded data set exactly as received (no file meta).
+    dataset_bytes : bytes or sequence of bytes-like
+        The encoded data set exactly as received (no file meta), whole or as the
+        received fragments in order.
     transfer_syntax : str
         Transfer syntax of the presentation context it came on.
     sop_class_uid, sop_instance_uid : str
@@ -538,8 +544,12 @@ def store_instance(
         )
         return StoreOutcome(STATUS_OUT_OF_RESOURCES, "Out of resources: disk reserve reached")
 
+    if isinstance(dataset_bytes, bytes):
+        fragments: Sequence[bytes | bytearray | memoryview] = (dataset_bytes,)
+    else:
+        fragments = dataset_bytes
     try:
-        ds = decode_header(dataset_bytes, transfer_syntax)
+        ds = decode_header(_leading_bytes(fragments), transfer_syntax)
     except Exception as exc:  # pydicom raises many types on malformed input
         LOGGER.warning(
             "C-STORE from %s: data set could not be decoded (%s)", calling_ae, type(exc).__name__
@@ -569,7 +579,7 @@ def store_instance(
             sop_class_uid, uids["SOPInstanceUID"], transfer_syntax, calling_ae
         )
         try:
-            spool.durable_write(path, _writer(head, dataset_bytes))
+            spool.durable_write(path, _writer(head, fragments))
         except OSError as exc:
             LOGGER.error(
                 "C-STORE of %s from %s: write failed (%s)",
@@ -578,7 +588,7 @@ def store_instance(
                 exc.strerror or type(exc).__name__,
             )
             return StoreOutcome(STATUS_WRITE_FAILED, "Out of resources: write failed")
-        size = len(head) + len(dataset_bytes)
+        size = len(head) + sum(len(f) for f in fragments)
     else:
         size = path.stat().st_size
 
@@ -615,10 +625,17 @@ def store_instance(
     return StoreOutcome(STATUS_SUCCESS, "", inst)
 
 
-def _writer(head: bytes, body: bytes) -> Any:
+def _leading_bytes(fragments: Sequence[bytes | bytearray | memoryview]) -> bytes:
+    """The data set as one bytes object (joined once when it came in fragments)."""
+    if len(fragments) == 1 and isinstance(fragments[0], bytes):
+        return fragments[0]
+    return b"".join(fragments)
+
+
+def _writer(head: bytes, fragments: Sequence[bytes | bytearray | memoryview]) -> Any:
     def write(fh: BinaryIO) -> None:
         fh.write(head)
-        fh.write(body)
+        fh.writelines(fragments)
 
     return write
 
@@ -706,10 +723,6 @@ def tune_association(assoc: Any) -> bool:
     return True
 
 
-def _implicit_element(group_elem: int, value: bytes) -> bytes:
-    return struct.pack("<HHL", 0x0000, group_elem, len(value)) + value
-
-
 def encode_store_success_rsp(primitive: Any) -> bytes | None:
     """Encode the command set of a plain C-STORE-RSP with status Success.
 
@@ -738,17 +751,9 @@ def encode_store_success_rsp(primitive: Any) -> bytes | None:
     sop_instance = primitive.AffectedSOPInstanceUID
     if not sop_class or not sop_instance:
         return None
-    body = b"".join(
-        (
-            _implicit_element(0x0002, _pad(str(sop_class), b"\x00")),
-            _implicit_element(0x0100, struct.pack("<H", 0x8001)),
-            _implicit_element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
-            _implicit_element(0x0800, struct.pack("<H", 0x0101)),
-            _implicit_element(0x0900, struct.pack("<H", STATUS_SUCCESS)),
-            _implicit_element(0x1000, _pad(str(sop_instance), b"\x00")),
-        )
+    return fast_store.encode_c_store_rsp(
+        primitive.MessageIDBeingRespondedTo, str(sop_class), str(sop_instance), STATUS_SUCCESS
     )
-    return _implicit_element(0x0000, struct.pack("<L", len(body))) + body
 
 
 class StoreSCP:
@@ -894,6 +899,12 @@ class StoreSCP:
             tune_association(event.assoc)
         requestor = event.assoc.requestor
         calling_ae = str(requestor.ae_title).strip()
+        if self.config.fast_store:
+            fast_store.install(
+                event.assoc,
+                STORAGE_SOP_CLASSES,
+                self._fast_store_handler(calling_ae, str(requestor.address)),
+            )
         LOGGER.info("Association accepted from %s at %s", calling_ae, requestor.address)
         if self.observer is not None:
             try:
@@ -918,6 +929,27 @@ class StoreSCP:
             self.observer.rejected(calling_ae, address, reason)
         except Exception:
             LOGGER.exception("Association observer failed")
+
+    def _fast_store_handler(
+        self, calling_ae: str, address: str
+    ) -> Callable[[fast_store.StoreRequest, str, Sequence[memoryview]], tuple[int, str]]:
+        def handle(
+            request: fast_store.StoreRequest, transfer_syntax: str, fragments: Sequence[memoryview]
+        ) -> tuple[int, str]:
+            outcome = store_instance(
+                dataset_bytes=fragments,
+                transfer_syntax=transfer_syntax,
+                sop_class_uid=request.sop_class_uid,
+                sop_instance_uid=request.sop_instance_uid,
+                spool_dir=self._spool_dir,
+                min_free_bytes=self.config.min_free_bytes,
+                sink=self.sink,
+                calling_ae=calling_ae,
+                peer_address=address,
+            )
+            return outcome.status, outcome.comment[:64]
+
+        return handle
 
     def _on_c_store(self, event: evt.Event) -> Dataset | int:
         requestor = event.assoc.requestor
