@@ -24,6 +24,8 @@ identifying attributes; pynetdicom's identifier logging is switched off.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -68,6 +70,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 from dicom import fast_store, spool
+from dicom.header import HeaderError, scan_header
 
 __all__ = [
     "STATUS_BAD_UID",
@@ -85,7 +88,9 @@ __all__ = [
     "StoreSCP",
     "StoredInstance",
     "accepted_transfer_syntaxes",
+    "ReceivedHeader",
     "decode_header",
+    "read_received_header",
     "encode_file_head",
     "encode_store_success_rsp",
     "quiet_pynetdicom",
@@ -366,35 +371,17 @@ class StoreOutcome:
     instance: StoredInstance | None = None
 
 
-def _str_value(ds: Dataset, keyword: str) -> str:
-    """Value of a UI/CS/IS-like attribute as text, without pydicom's value validation."""
-    try:
-        elem = ds.get_item(_TAGS[keyword])
-    except KeyError:
-        return ""
-    if elem is None:
-        return ""
-    value = elem.value
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        return value.decode("ascii", "replace").strip("\x00 ")
-    return str(value).strip("\x00 ")
+_CHARSET_TAG = 0x00080005
+_SCANNED_TAGS = frozenset({int(t) for t in _SPECIFIC_TAGS} | {_CHARSET_TAG})
 
 
-def _text_value(ds: Dataset, keyword: str) -> str:
-    """Value of a text attribute decoded with the data set's character set."""
-    try:
-        elem = ds.get(_TAGS[keyword])
-    except Exception:  # undecodable text must not fail the store
+def _raw_text(raw: bytes | None) -> str:
+    if not raw:
         return ""
-    if elem is None or elem.value is None:
-        return ""
-    return str(elem.value).strip()
+    return raw.decode("ascii", "replace").strip("\x00 ")
 
 
-def _int_value(ds: Dataset, keyword: str) -> int | None:
-    text = _str_value(ds, keyword)
+def _to_int(text: str) -> int | None:
     if not text:
         return None
     try:
@@ -404,6 +391,124 @@ def _int_value(ds: Dataset, keyword: str) -> int | None:
             return int(float(text))
         except ValueError:
             return None
+
+
+def _decode_text(raw: bytes | None, charset: bytes | None) -> str:
+    """Decode a text value with the data set's Specific Character Set (never raises)."""
+    if not raw:
+        return ""
+    from pydicom.charset import convert_encodings, decode_bytes
+
+    try:
+        terms = [t.strip() for t in _raw_text(charset).split("\\")] if charset else [""]
+        return decode_bytes(raw, convert_encodings(terms or [""]), set()).strip("\x00 ")
+    except Exception:  # undecodable text must not fail the store
+        return raw.decode("latin-1").strip("\x00 ")
+
+
+@dataclass(frozen=True)
+class ReceivedHeader:
+    """The attributes of a received data set that the SCP files and records.
+
+    Attributes
+    ----------
+    study_uid, series_uid, sop_uid, sop_class_uid, modality, series_description : str
+        Values as text (``""`` when absent).
+    series_number, instance_number : int or None
+        Integer values when present and valid.
+    """
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str
+    series_description: str
+    series_number: int | None
+    instance_number: int | None
+
+    @classmethod
+    def from_raw(cls, values: Mapping[int, bytes]) -> ReceivedHeader:
+        """Build from raw element values keyed by tag (as :func:`dicom.header.scan_header`)."""
+
+        def text(keyword: str) -> str:
+            return _raw_text(values.get(int(_TAGS[keyword])))
+
+        return cls(
+            study_uid=text("StudyInstanceUID"),
+            series_uid=text("SeriesInstanceUID"),
+            sop_uid=text("SOPInstanceUID"),
+            sop_class_uid=text("SOPClassUID"),
+            modality=text("Modality"),
+            series_description=_decode_text(
+                values.get(int(_TAGS["SeriesDescription"])), values.get(_CHARSET_TAG)
+            ),
+            series_number=_to_int(text("SeriesNumber")),
+            instance_number=_to_int(text("InstanceNumber")),
+        )
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> ReceivedHeader:
+        """Build from a (partially) decoded pydicom data set (see :func:`decode_header`)."""
+        raw: dict[int, bytes] = {}
+        for keyword, tag in _TAGS.items():
+            elem = ds.get_item(tag)
+            if elem is None or elem.value is None or keyword == "SeriesDescription":
+                continue
+            value = elem.value
+            raw[int(tag)] = value if isinstance(value, bytes) else str(value).encode("ascii", "replace")
+        header = cls.from_raw(raw)
+        try:
+            elem = ds.get(_TAGS["SeriesDescription"])
+            description = "" if elem is None or elem.value is None else str(elem.value).strip()
+        except Exception:  # undecodable text must not fail the store
+            description = ""
+        return dataclasses.replace(header, series_description=description)
+
+
+@functools.lru_cache(maxsize=64)
+def _syntax_traits(transfer_syntax: str) -> tuple[bool, bool, bool]:
+    """(little endian, implicit VR, deflated) of a transfer syntax (cached: UID() validates)."""
+    tsyntax = UID(transfer_syntax)
+    return tsyntax.is_little_endian, tsyntax.is_implicit_VR, tsyntax.is_deflated
+
+
+def read_received_header(
+    fragments: Sequence[bytes | bytearray | memoryview], transfer_syntax: str
+) -> ReceivedHeader:
+    """Read the filing attributes of a received data set.
+
+    Little endian data sets are scanned without decoding (:func:`dicom.header.scan_header`),
+    usually from the first fragment alone; big endian and deflated ones go through pydicom.
+
+    Parameters
+    ----------
+    fragments : sequence of bytes-like
+        The encoded data set as received, in order.
+    transfer_syntax : str
+        Its transfer syntax.
+
+    Returns
+    -------
+    ReceivedHeader
+        The values found (empty strings for absent ones).
+
+    Raises
+    ------
+    HeaderError
+        (or any pydicom decoding error) when the data set cannot be read.
+    """
+    little_endian, implicit, deflated = _syntax_traits(transfer_syntax)
+    if not little_endian or deflated:
+        return ReceivedHeader.from_dataset(decode_header(_leading_bytes(fragments), transfer_syntax))
+    scan = None
+    if len(fragments) > 1:
+        scan = scan_header(fragments[0], implicit, _SCANNED_TAGS, complete=False)
+    if scan is None:
+        scan = scan_header(_leading_bytes(fragments), implicit, _SCANNED_TAGS)
+    if scan is None:  # pragma: no cover - a complete scan always returns
+        raise HeaderError("data set header could not be scanned")
+    return ReceivedHeader.from_raw(scan.values)
 
 
 def _element(group_elem: int, vr: bytes, value: bytes) -> bytes:
@@ -549,14 +654,18 @@ def store_instance(
     else:
         fragments = dataset_bytes
     try:
-        ds = decode_header(_leading_bytes(fragments), transfer_syntax)
+        header = read_received_header(fragments, transfer_syntax)
     except Exception as exc:  # pydicom raises many types on malformed input
         LOGGER.warning(
             "C-STORE from %s: data set could not be decoded (%s)", calling_ae, type(exc).__name__
         )
         return StoreOutcome(STATUS_DECODE_FAILED, "Cannot understand: data set not decodable")
 
-    uids = {k: _str_value(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    uids = {
+        "StudyInstanceUID": header.study_uid,
+        "SeriesInstanceUID": header.series_uid,
+        "SOPInstanceUID": header.sop_uid,
+    }
     for keyword, value in uids.items():
         if not spool.is_valid_uid(value):
             state = "missing" if not value else "invalid"
@@ -596,15 +705,15 @@ def store_instance(
         study_uid=uids["StudyInstanceUID"],
         series_uid=uids["SeriesInstanceUID"],
         sop_uid=uids["SOPInstanceUID"],
-        sop_class_uid=_str_value(ds, "SOPClassUID") or str(sop_class_uid),
-        modality=_str_value(ds, "Modality"),
+        sop_class_uid=header.sop_class_uid or str(sop_class_uid),
+        modality=header.modality,
         path=path,
         size=size,
         calling_ae=calling_ae,
         peer_address=peer_address,
-        series_description=_text_value(ds, "SeriesDescription"),
-        series_number=_int_value(ds, "SeriesNumber"),
-        instance_number=_int_value(ds, "InstanceNumber"),
+        series_description=header.series_description,
+        series_number=header.series_number,
+        instance_number=header.instance_number,
         duplicate=duplicate,
     )
     try:
