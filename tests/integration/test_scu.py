@@ -155,3 +155,33 @@ def test_connection_refused_raises(tmp_path: Path) -> None:
 def test_missing_path_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         send_paths(tmp_path / "nope", ae_title="X", host="127.0.0.1", port=1)
+
+
+@pytest.mark.dcmtk
+def test_rejection_by_a_peer_that_closes_at_once_is_reported_as_rejection(tmp_path: Path) -> None:
+    """DCMTK ``storescp --refuse`` rejects and closes in one go.
+
+    pynetdicom 3.0 then reports an abort about one time in seven (its negotiating
+    thread sees the closed socket before it reads the queued A-ASSOCIATE-RJ); the
+    SCU must still tell IT the peer *rejected* the association.  Thirty tries make
+    a miss of that race all but certain (0.86**30 < 1 %).
+    """
+    write_series(make_ct_series(1), tmp_path / "src")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["storescp", "--refuse", str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        reasons = set()
+        for _ in range(30):
+            with pytest.raises(AssociationFailed) as info:
+                send_paths(tmp_path / "src", ae_title="REFUSER", host="127.0.0.1", port=port)
+            reasons.add(info.value.reason)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert reasons == {"association rejected (result 0x01, source 0x01, reason 0x01)"}
