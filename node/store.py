@@ -37,6 +37,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: A result row read by column name (SQLAlchemy's ``RowMapping`` is keyed by names and columns).
+Row = Mapping[Any, Any]
+
 
 class JobState(str, enum.Enum):
     """States of a job, in the order a job normally passes them."""
@@ -196,6 +199,47 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+# -- prebuilt statements of the receive path (see Store.record_instance) -------------
+_P = sa.bindparam
+_Q_INSTANCE_EXISTS = sa.select(instances.c.sop_uid).where(instances.c.sop_uid == _P("sop"))
+_Q_TOUCH_RECEIVING = (
+    studies.update()
+    .where(studies.c.study_uid == _P("study"), studies.c.state == "receiving")
+    .values(last_received_at=_P("now"))
+)
+_Q_STUDY_STATE = sa.select(studies.c.state).where(studies.c.study_uid == _P("study"))
+_Q_STUDY_INSERT = studies.insert().values(
+    study_uid=_P("study"), state="receiving", n_instances=1,
+    first_received_at=_P("now"), last_received_at=_P("now"), reopened=0,
+)
+_Q_STUDY_RECEIVE = (
+    studies.update()
+    .where(studies.c.study_uid == _P("study"))
+    .values(
+        state="receiving",
+        n_instances=studies.c.n_instances + 1,
+        last_received_at=_P("now"),
+        reopened=studies.c.reopened + _P("reopened"),
+    )
+)
+_Q_SERIES_EXISTS = sa.select(series.c.series_uid).where(series.c.series_uid == _P("series"))
+_Q_SERIES_INSERT = series.insert().values(
+    series_uid=_P("series"), study_uid=_P("study"), modality=_P("modality"),
+    sop_class_uid=_P("sop_class"), description=_P("description"),
+    series_number=_P("number"), n_instances=1, last_received_at=_P("now"), jobbed_instances=0,
+)
+_Q_SERIES_RECEIVE = (
+    series.update()
+    .where(series.c.series_uid == _P("series"))
+    .values(n_instances=series.c.n_instances + 1, last_received_at=_P("now"))
+)
+_Q_INSTANCE_INSERT = instances.insert().values(
+    sop_uid=_P("sop"), series_uid=_P("series"), study_uid=_P("study"),
+    sop_class_uid=_P("sop_class"), path=_P("path"), size=_P("size"),
+    calling_ae=_P("calling_ae"), instance_number=_P("number"), received_at=_P("now"),
+)
+
+
 class Store:
     """The node's state database.
 
@@ -237,59 +281,53 @@ class Store:
         that was already stable re-opens it (it is swept again later).
         """
         now = time.time() if now is None else now
+        # Prebuilt statements with bound parameters: this runs once per received
+        # instance, before its C-STORE is acknowledged, and building SQLAlchemy
+        # statements per call cost more than the database work.
         with self._write_lock, self._tx() as c:
-            res = c.execute(sa.select(instances.c.sop_uid).where(instances.c.sop_uid == rec.sop_uid)).first()
-            if res is not None:
+            if c.execute(_Q_INSTANCE_EXISTS, {"sop": rec.sop_uid}).first() is not None:
                 # A re-sent instance shows the sender is still at work on a study that is
                 # receiving: it keeps the stability clock from running out mid-resend.
-                c.execute(
-                    studies.update()
-                    .where(studies.c.study_uid == rec.study_uid, studies.c.state == "receiving")
-                    .values(last_received_at=now)
-                )
+                c.execute(_Q_TOUCH_RECEIVING, {"study": rec.study_uid, "now": now})
                 return RecordOutcome(new=False, reopened_study=False)
-            st = c.execute(sa.select(studies.c.state).where(studies.c.study_uid == rec.study_uid)).first()
+            st = c.execute(_Q_STUDY_STATE, {"study": rec.study_uid}).first()
             reopened = False
             if st is None:
-                c.execute(
-                    studies.insert().values(
-                        study_uid=rec.study_uid, state="receiving", n_instances=1,
-                        first_received_at=now, last_received_at=now, reopened=0,
-                    )
-                )
+                c.execute(_Q_STUDY_INSERT, {"study": rec.study_uid, "now": now})
             else:
                 reopened = st.state == "stable"
                 c.execute(
-                    studies.update()
-                    .where(studies.c.study_uid == rec.study_uid)
-                    .values(
-                        state="receiving",
-                        n_instances=studies.c.n_instances + 1,
-                        last_received_at=now,
-                        reopened=studies.c.reopened + (1 if reopened else 0),
-                    )
+                    _Q_STUDY_RECEIVE,
+                    {"study": rec.study_uid, "now": now, "reopened": 1 if reopened else 0},
                 )
-            se = c.execute(sa.select(series.c.series_uid).where(series.c.series_uid == rec.series_uid)).first()
-            if se is None:
+            if c.execute(_Q_SERIES_EXISTS, {"series": rec.series_uid}).first() is None:
                 c.execute(
-                    series.insert().values(
-                        series_uid=rec.series_uid, study_uid=rec.study_uid, modality=rec.modality,
-                        sop_class_uid=rec.sop_class_uid, description=rec.series_description[:64],
-                        series_number=rec.series_number, n_instances=1, last_received_at=now, jobbed_instances=0,
-                    )
+                    _Q_SERIES_INSERT,
+                    {
+                        "series": rec.series_uid,
+                        "study": rec.study_uid,
+                        "modality": rec.modality,
+                        "sop_class": rec.sop_class_uid,
+                        "description": rec.series_description[:64],
+                        "number": rec.series_number,
+                        "now": now,
+                    },
                 )
             else:
-                c.execute(
-                    series.update()
-                    .where(series.c.series_uid == rec.series_uid)
-                    .values(n_instances=series.c.n_instances + 1, last_received_at=now)
-                )
+                c.execute(_Q_SERIES_RECEIVE, {"series": rec.series_uid, "now": now})
             c.execute(
-                instances.insert().values(
-                    sop_uid=rec.sop_uid, series_uid=rec.series_uid, study_uid=rec.study_uid,
-                    sop_class_uid=rec.sop_class_uid, path=str(rec.path), size=rec.size,
-                    calling_ae=rec.calling_ae, instance_number=rec.instance_number, received_at=now,
-                )
+                _Q_INSTANCE_INSERT,
+                {
+                    "sop": rec.sop_uid,
+                    "series": rec.series_uid,
+                    "study": rec.study_uid,
+                    "sop_class": rec.sop_class_uid,
+                    "path": str(rec.path),
+                    "size": rec.size,
+                    "calling_ae": rec.calling_ae,
+                    "number": rec.instance_number,
+                    "now": now,
+                },
             )
         if reopened:
             log.info("late instance re-opened stable study %s", rec.study_uid)
@@ -317,12 +355,12 @@ class Store:
             return c.execute(sa.select(instances.c.sop_uid).where(instances.c.sop_uid == sop_uid)).first() is not None
 
     # -- studies and series ------------------------------------------------
-    def studies(self) -> list[Mapping[str, Any]]:
+    def studies(self) -> list[Row]:
         """All studies, newest first."""
         with self.engine.connect() as c:
             return [r._mapping for r in c.execute(sa.select(studies).order_by(studies.c.last_received_at.desc()))]
 
-    def series_rows(self, study_uid: str | None = None) -> list[Mapping[str, Any]]:
+    def series_rows(self, study_uid: str | None = None) -> list[Row]:
         """Series rows, of one study or all."""
         q = sa.select(series).order_by(series.c.study_uid, series.c.series_number)
         if study_uid is not None:
@@ -330,7 +368,7 @@ class Store:
         with self.engine.connect() as c:
             return [r._mapping for r in c.execute(q)]
 
-    def series_row(self, series_uid: str) -> Mapping[str, Any] | None:
+    def series_row(self, series_uid: str) -> Row | None:
         """One series row, or None."""
         with self.engine.connect() as c:
             r = c.execute(sa.select(series).where(series.c.series_uid == series_uid)).first()
@@ -399,17 +437,17 @@ class Store:
                 attempts=0, version=1, data="{}", created_at=now, updated_at=now, not_before=0.0,
             )
         )
-        jid = int(r.inserted_primary_key[0])
+        jid = int(r.inserted_primary_key[0])  # type: ignore[index]  # always set for one insert
         c.execute(job_events.insert().values(job_id=jid, state=JobState.QUEUED.value, reason="study stable", at=now))
         return jid
 
-    def job(self, job_id: int) -> Mapping[str, Any] | None:
+    def job(self, job_id: int) -> Row | None:
         """One job row, or None."""
         with self.engine.connect() as c:
             r = c.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
         return None if r is None else r._mapping
 
-    def jobs(self, states: Sequence[str] | None = None) -> list[Mapping[str, Any]]:
+    def jobs(self, states: Sequence[str] | None = None) -> list[Row]:
         """Jobs, optionally only those in ``states``, oldest first."""
         q = sa.select(jobs).order_by(jobs.c.id)
         if states is not None:
@@ -453,7 +491,7 @@ class Store:
                 raise KeyError(f"job {job_id} does not exist")
             c.execute(job_events.insert().values(job_id=job_id, state=state.value, reason=reason, at=now))
 
-    def job_events(self, job_id: int) -> list[Mapping[str, Any]]:
+    def job_events(self, job_id: int) -> list[Row]:
         """State transitions of a job, oldest first."""
         with self.engine.connect() as c:
             return [
@@ -467,7 +505,7 @@ class Store:
             rows = c.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all()
         return {r[0]: int(r[1]) for r in rows}
 
-    def iter_rows(self, table: sa.Table) -> Iterator[Mapping[str, Any]]:
+    def iter_rows(self, table: sa.Table) -> Iterator[Row]:
         """Every row of a table (status and tests)."""
         with self.engine.connect() as c:
             for r in c.execute(sa.select(table)):
@@ -479,7 +517,7 @@ class Store:
         with self.engine.connect() as c:
             return c.execute(sa.select(outputs.c.sop_uid).where(outputs.c.sop_uid == sop_uid)).first() is not None
 
-    def outputs_of_job(self, job_id: int, version: int | None = None) -> list[Mapping[str, Any]]:
+    def outputs_of_job(self, job_id: int, version: int | None = None) -> list[Row]:
         """Output rows of a job (one version or all)."""
         q = sa.select(outputs).where(outputs.c.job_id == job_id).order_by(outputs.c.version, outputs.c.kind)
         if version is not None:
@@ -500,7 +538,7 @@ class Store:
             )
         return True
 
-    def corrections(self, states: Sequence[str] | None = None) -> list[Mapping[str, Any]]:
+    def corrections(self, states: Sequence[str] | None = None) -> list[Row]:
         """Corrected-SEG rows, oldest first."""
         q = sa.select(corrections).order_by(corrections.c.received_at)
         if states is not None:
@@ -522,7 +560,7 @@ class Store:
             r = c.execute(sa.select(instances.c.path).where(instances.c.sop_uid == sop_uid)).first()
         return None if r is None else Path(r.path)
 
-    def latest_job_for_series(self, series_uid: str, states: Sequence[str]) -> Mapping[str, Any] | None:
+    def latest_job_for_series(self, series_uid: str, states: Sequence[str]) -> Row | None:
         """The newest job of a series in one of ``states``."""
         with self.engine.connect() as c:
             r = c.execute(
@@ -568,7 +606,7 @@ class Store:
             c.execute(corrections.update().where(corrections.c.state == "processing").values(state="pending"))
         return ids
 
-    def next_queued_job(self, now: float) -> Mapping[str, Any] | None:
+    def next_queued_job(self, now: float) -> Row | None:
         """The oldest queued job whose retry delay has passed."""
         with self.engine.connect() as c:
             r = c.execute(
