@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--variants",
-        default="tuned,final",
+        default="tuned,final,node",
         help=f"comma-separated node variants to run, interleaved (from {', '.join(VARIANTS)}; 'all')",
     )
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: tmp)")
