@@ -39,11 +39,11 @@ from dicom.scp import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_RECORD_FAILED,
     STATUS_SUCCESS,
-    ScpConfig,
     StoredInstance,
     StoreSCP,
 )
 from dicom.synthetic import build_ct_series, write_datasets
+from tests.integration.test_scp import ListSink, scp_factory
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 DESCRIPTION = "Thorax Übersicht"
@@ -74,25 +74,6 @@ def spool_path(root: Path, ds: Dataset) -> Path:
 
 def spool_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
-
-
-class ListSink:
-    """Thread-safe list-backed sink; raises while ``fail`` is set."""
-
-    def __init__(self) -> None:
-        self.items: list[StoredInstance] = []
-        self.fail = False
-        self._lock = threading.Lock()
-
-    def record(self, inst: StoredInstance) -> None:
-        with self._lock:
-            if self.fail:
-                raise RuntimeError("sink unavailable")
-            self.items.append(inst)
-
-    def by_sop(self) -> dict[str, StoredInstance]:
-        with self._lock:
-            return {i.sop_uid: i for i in self.items}
 
 
 @dataclass
@@ -148,26 +129,7 @@ def sink() -> ListSink:
 @pytest.fixture
 def make_scp(tmp_path: Path, sink: ListSink, path_spy: PathSpy) -> Iterator:
     """Factory starting a StoreSCP on an ephemeral port (after the spy is in place)."""
-    started: list[StoreSCP] = []
-
-    def factory(**overrides: object) -> StoreSCP:
-        kwargs: dict[str, object] = dict(
-            port=0,
-            spool_dir=tmp_path / "spool",
-            min_free_bytes=0,
-            acse_timeout=10,
-            dimse_timeout=10,
-            network_timeout=10,
-        )
-        kwargs.update(overrides)
-        scp = StoreSCP(ScpConfig(**kwargs), sink)  # type: ignore[arg-type]
-        scp.start()
-        started.append(scp)
-        return scp
-
-    yield factory
-    for scp in started:
-        scp.stop()
+    yield from scp_factory(tmp_path, sink)
 
 
 def associate(port: int, *contexts: tuple[str, str], max_pdu: int | None = None) -> Any:

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +128,10 @@ class ListSink:
                 raise RuntimeError("sink unavailable")
             self.items.append(inst)
 
+    def by_sop(self) -> dict[str, StoredInstance]:
+        with self._lock:
+            return {i.sop_uid: i for i in self.items}
+
 
 class RecordingObserver:
     """Collects association outcomes."""
@@ -188,9 +192,10 @@ def observer() -> RecordingObserver:
     return RecordingObserver()
 
 
-@pytest.fixture
-def make_scp(tmp_path: Path, sink: ListSink, observer: RecordingObserver) -> Iterator:
-    """Factory starting a StoreSCP on an ephemeral port; stopped at teardown."""
+def scp_factory(
+    tmp_path: Path, sink: ListSink, observer: RecordingObserver | None = None
+) -> Iterator[Callable[..., StoreSCP]]:
+    """Yield a factory starting StoreSCPs on ephemeral ports; stops them afterwards."""
     started: list[StoreSCP] = []
 
     def factory(**overrides: object) -> StoreSCP:
@@ -211,6 +216,12 @@ def make_scp(tmp_path: Path, sink: ListSink, observer: RecordingObserver) -> Ite
     yield factory
     for scp in started:
         scp.stop()
+
+
+@pytest.fixture
+def make_scp(tmp_path: Path, sink: ListSink, observer: RecordingObserver) -> Iterator:
+    """Factory starting a StoreSCP on an ephemeral port; stopped at teardown."""
+    yield from scp_factory(tmp_path, sink, observer)
 
 
 # -- spool helpers ---------------------------------------------------------------------
