@@ -178,6 +178,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(snap, indent=2, default=str) + "\n")
         return 0
+    sys.stdout.write(render_status(snap) + "\n")
+    return 0
+
+
+def render_status(snap: dict[str, Any]) -> str:
+    """The ``i3node status`` tables for a :func:`status_snapshot`."""
     out = [f"node {snap['node']}  database {snap['database']}", ""]
     out.append(f"Studies ({len(snap['studies'])})")
     out.append(
@@ -208,8 +214,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ("output", "destination", "state", "attempts", "last error"),
             )
         )
-    sys.stdout.write("\n".join(out) + "\n")
-    return 0
+    return "\n".join(out)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -465,6 +470,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging("INFO")
     logging.getLogger("models").setLevel(logging.WARNING)  # training progress is printed by the callback
     report = run_demo(Path(args.workdir), size=args.size, keep=args.keep, progress=_text_progress)
+    if report.settings is not None:
+        # What `i3node status` shows for the demo node's state (studies, series, jobs).
+        status = render_status(status_snapshot(report.settings))
+        sys.stdout.write("\n$ i3node status\n" + status + "\n")
     sys.stdout.write(report.render() + "\n")
     return 0 if report.ok else 1
 

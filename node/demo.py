@@ -56,6 +56,8 @@ class DemoReport:
     png: Path | None = None
     ok: bool = False
     problems: list[str] = field(default_factory=list)
+    #: The demo node's settings (for ``i3node status`` on its state), once it was built.
+    settings: Settings | None = None
 
     def render(self) -> str:
         """A short human-readable report."""
@@ -271,6 +273,7 @@ def run_demo(
     )
     viewer.start()
     settings = demo_settings(workdir, viewer.port, models.preseg_dir, models.refine_dir)
+    report.settings = settings
     app = build_app(settings)
     app.start()
     try:
@@ -283,7 +286,7 @@ def run_demo(
     return report
 
 
-def _loop(app: Any, inbox: ViewerInbox, settings: Settings, paths: list[Path], source: list[Dataset],
+def _loop(app: Any, inbox: ViewerInbox, settings: Settings, paths: list[Path], source: Sequence[Dataset],
           gt: np.ndarray, class_names: list[str], report: DemoReport, say: Progress, timeout_s: float) -> None:
     """The loop itself; fills ``report`` and returns at the first failed step."""
     from dicom.codes import default_segment_specs
