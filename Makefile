@@ -44,7 +44,9 @@ test-tools:
 
 # The tiny demo models are trained once (cached in .cache/demo-models) before the tests,
 # with progress, so that no test's time limit includes model training.
+# mypy (configured in pyproject.toml) runs first: a type error fails the target early.
 test: $(STAMP) test-tools
+	$(PY) -m mypy
 	$(VENV)/bin/i3node train demo-models
 	$(PY) -m pytest -q --durations=15
 

@@ -391,13 +391,13 @@ def read_segmentation(
         ident = _frame_attr(frames[f], shared, "SegmentIdentificationSequence")
         if ident is None or "ReferencedSegmentNumber" not in ident:
             raise SegReadError(f"seg frame {f + 1} has no SegmentIdentificationSequence")
-        value = mapping.get(int(ident.ReferencedSegmentNumber))
-        if value is None:
+        label = mapping.get(int(ident.ReferencedSegmentNumber))
+        if label is None:
             continue
         frame = pixels[f]
         if seg_type == "BINARY":
-            candidate = frame * np.uint8(value) if frame.dtype == np.uint8 else (frame != 0).astype(np.uint8) * np.uint8(value)
+            candidate = frame * np.uint8(label) if frame.dtype == np.uint8 else (frame != 0).astype(np.uint8) * np.uint8(label)
         else:
-            candidate = (frame >= threshold).view(np.uint8) * np.uint8(value)
+            candidate = (frame >= threshold).view(np.uint8) * np.uint8(label)
         np.maximum(labels[k], candidate, out=labels[k])
     return SegReadResult(labels, set(slice_index), mapping, tuple(unknown))

@@ -82,7 +82,9 @@ def slice_scores(u: np.ndarray, axis: int) -> np.ndarray:
     u = _check_u(u)
     axis = _check_axis(axis)
     other = tuple(a for a in range(3) if a != axis)
-    s = np.sum(u, axis=other, dtype=np.float64)
+    # Summing a 3-D array over two axes always gives a 1-D array; asarray narrows
+    # numpy's ``float64 | ndarray`` return type without copying.
+    s = np.asarray(np.sum(u, axis=other, dtype=np.float64))
     if not np.all(np.isfinite(s)):
         raise ValueError("u must be finite (found NaN or inf)")
     return s

@@ -241,7 +241,8 @@ def _default_refinement_builder() -> tuple[RefinementBuilder | None, str]:
     train = getattr(mod, "train_refinement_model", None)
     if train is None:
         return None, ""
-    src = Path(mod.__file__).read_bytes() if getattr(mod, "__file__", None) else b""
+    mod_file: str | None = getattr(mod, "__file__", None)
+    src = Path(mod_file).read_bytes() if mod_file else b""
     version = f"{getattr(mod, 'DEMO_VERSION', '')}:{hashlib.sha256(src).hexdigest()[:16]}"
 
     def builder(req: RefinementRequest) -> Path:

@@ -273,10 +273,15 @@ def _build_trainer_class() -> type:
         return _TRAINER_CACHE[TRAINER_NAME]
     import torch
 
+    base_cls: type
     try:
-        from models.nnunet_trainers import nnUNetTrainer_i3nodeTiny as base_cls
+        from models.nnunet_trainers import nnUNetTrainer_i3nodeTiny
+
+        base_cls = nnUNetTrainer_i3nodeTiny
     except ImportError:  # pragma: no cover - the tiny trainer ships with this repository
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as base_cls
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+        base_cls = nnUNetTrainer
 
     class nnUNetTrainer_i3nodeRefine(base_cls):  # type: ignore[valid-type,misc]  # noqa: N801
         """Refinement trainer: correction channels simulated from the ground truth on the fly.

@@ -199,9 +199,9 @@ def nnunet_environment(
         if value is not None:
             new[key] = str(Path(value).resolve())
     if cpu_defaults:
-        for key, value in (("nnUNet_compile", "f"), ("nnUNet_n_proc_DA", "0"), ("nnUNet_def_n_proc", "1")):
+        for key, default in (("nnUNet_compile", "f"), ("nnUNet_n_proc_DA", "0"), ("nnUNet_def_n_proc", "1")):
             if key not in os.environ:
-                new[key] = value
+                new[key] = default
     old = {k: os.environ.get(k) for k in new}
     os.environ.update(new)
     try:
@@ -249,7 +249,7 @@ def write_raw_dataset(
     name: str,
     images: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
-    spacings: Sequence[tuple[float, float, float]] | tuple[float, float, float],
+    spacings: Sequence[Sequence[float]] | Sequence[float],
     channel_names: Mapping[int | str, str],
     labels_map: Mapping[str, int],
     *,

@@ -219,7 +219,9 @@ def _write_dataset(ds: Dataset, path: Path) -> Path:
 
 def _write_arrays(path: Path, **arrays: np.ndarray) -> None:
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    # numpy's stub declares ``allow_pickle: bool`` beside ``**kwds: ArrayLike`` and mypy checks
+    # the unpacked dict against both; the keys here are array names, never ``allow_pickle``.
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     durable_write(path, lambda fh: fh.write(buf.getvalue()))
 
 

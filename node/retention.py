@@ -235,15 +235,19 @@ def _spool_candidates(store: Store, cutoff: float, final_states: frozenset[str])
             .order_by(instances.c.study_uid, instances.c.series_uid, instances.c.sop_uid)
         )
         out: list[PurgeInstance] = []
-        for r in c.execute(q):
-            if r.sop_uid in pending:
+        for row in c.execute(q):
+            if row.sop_uid in pending:
                 continue
-            if r.series_uid in series_with_jobs:
-                if r.series_uid in blocked_series:
+            if row.series_uid in series_with_jobs:
+                if row.series_uid in blocked_series:
                     continue
-            elif r.study_uid in blocked_studies:
+            elif row.study_uid in blocked_studies:
                 continue
-            out.append(PurgeInstance(r.sop_uid, r.series_uid, r.study_uid, Path(r.path), int(r.size), float(r.received_at)))
+            out.append(
+                PurgeInstance(
+                    row.sop_uid, row.series_uid, row.study_uid, Path(row.path), int(row.size), float(row.received_at)
+                )
+            )
     return out
 
 

@@ -301,7 +301,7 @@ def _type_name(tp: Any) -> str:
 def _convert(key: str, tp: Any, value: Any) -> Any:
     """Convert a TOML value to the annotated type or raise SettingsError naming ``key``."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise SettingsError(f"{key}: expected a table, got {type(value).__name__}")
         return _build(tp, value, key)
@@ -457,11 +457,11 @@ def iter_keys(cls: type = Settings, prefix: str = "") -> typing.Iterator[tuple[s
             continue
         key = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             yield from iter_keys(tp, key)
             continue
         inner = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
-        if inner is not None and dataclasses.is_dataclass(inner):
+        if isinstance(inner, type) and dataclasses.is_dataclass(inner):
             yield from iter_keys(inner, f"{key}[]")
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -508,6 +508,8 @@ def render_example_toml() -> str:
         else:
             inner = typing.get_args(tp)[0]
             out.append(f"# {f.metadata.get('doc', '')}")
+            if not isinstance(f.default, tuple):
+                raise TypeError(f"{f.name}: a list-of-tables setting needs a tuple default, got {f.default!r}")
             items = f.default if f.default else (inner(),)
             commented = not f.default
             for item in items:
