@@ -42,6 +42,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from models.progress import ProgressCallback, ProgressEvent, emit
+
 __all__ = [
     "ProgressEvent",
     "ProgressCallback",
@@ -71,30 +73,6 @@ class TrainingError(RuntimeError):
     """Planning, preprocessing or training failed; the message says which step and why."""
 
 
-@dataclass(frozen=True)
-class ProgressEvent:
-    """One progress report.
-
-    Attributes
-    ----------
-    stage
-        ``"write"``, ``"plan"``, ``"preprocess"``, ``"train"``, ``"fold_done"``, ``"done"``
-        (``models.demo`` adds ``"cache"`` and ``"refinement"``).
-    message
-        Human-readable one-line summary.
-    fraction
-        Completion of the current stage in [0, 1], when known.
-    metrics
-        Numbers belonging to the event (e.g. ``epoch``, ``train_loss``, ``seconds``).
-    """
-
-    stage: str
-    message: str
-    fraction: float | None = None
-    metrics: Mapping[str, float] = field(default_factory=dict)
-
-
-ProgressCallback = Callable[[ProgressEvent], None]
 
 
 class LabelledVolume(Protocol):
@@ -237,9 +215,7 @@ def dataset_name(dataset_id: int, name: str) -> str:
 
 
 def _emit(progress: ProgressCallback | None, event: ProgressEvent) -> None:
-    _log.info("%s: %s", event.stage, event.message)
-    if progress is not None:
-        progress(event)
+    emit(progress, event, _log)
 
 
 # --------------------------------------------------------------------------- raw dataset
@@ -379,6 +355,7 @@ def plan_and_preprocess(
     num_processes: int = 2,
     isolate: bool = True,
     progress: ProgressCallback | None = None,
+    plans_from: Path | None = None,
 ) -> Path:
     """Fingerprint, plan (nnU-Net's default planner, then shrunk) and preprocess one configuration.
 
@@ -403,6 +380,11 @@ def plan_and_preprocess(
         safe, in this process it needs an ``if __name__ == "__main__":`` guard in the script.
     progress
         Receives ``plan`` and ``preprocess`` events.
+    plans_from
+        An nnU-Net results folder (or plans file) whose plans to reuse instead of fingerprinting
+        and planning this dataset: same target spacing and the same normalisation of the image
+        channels (e.g. a refinement model reusing its presegmentation ensemble's CT window).
+        Channels beyond that model's must be named ``noNorm``.
 
     Returns
     -------
@@ -414,11 +396,40 @@ def plan_and_preprocess(
     if isolate:
         args = {"dataset_id": int(dataset_id), "raw_root": str(raw_root),
                 "preprocessed_root": str(preprocessed_root), "configuration": configuration,
-                "overrides": _overrides_to_json(ov), "num_processes": int(num_processes)}
+                "overrides": _overrides_to_json(ov), "num_processes": int(num_processes),
+                "plans_from": str(plans_from) if plans_from is not None else None}
         return Path(_run_child("plan", args, progress, f"planning dataset {dataset_id}"))
     return _plan_and_preprocess_here(dataset_id, raw_root=Path(raw_root), preprocessed_root=Path(preprocessed_root),
                                      configuration=configuration, overrides=ov, num_processes=num_processes,
-                                     progress=progress)
+                                     progress=progress, plans_from=plans_from)
+
+
+def _reused_plans(source: Path, ds_name: str, raw_dataset_json: Mapping[str, Any], configuration: str) -> dict[str, Any]:
+    """Plans of another model, renamed to ``ds_name`` and extended to this dataset's extra channels."""
+    src = source / "plans.json" if source.is_dir() else source
+    try:
+        plans: dict[str, Any] = json.loads(src.read_text())
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"plans_from: cannot read {src}: {exc}") from exc
+    if configuration not in plans.get("configurations", {}):
+        raise TrainingError(f"plans_from: {src} has no configuration {configuration!r}")
+    plans["dataset_name"] = ds_name
+    plans["configurations"] = {configuration: plans["configurations"][configuration]}
+    cfg = plans["configurations"][configuration]
+    channels = [str(raw_dataset_json["channel_names"][k]) for k in sorted(raw_dataset_json["channel_names"], key=int)]
+    n_src = len(cfg["normalization_schemes"])
+    if len(channels) < n_src:
+        raise TrainingError(f"plans_from: {src} normalises {n_src} channel(s), the dataset has {len(channels)}")
+    extra = channels[n_src:]
+    if any(c.casefold() != "nonorm" for c in extra):
+        raise TrainingError(f"plans_from: channels beyond the source model's {n_src} must be noNorm, got {extra}")
+    cfg["normalization_schemes"] = list(cfg["normalization_schemes"]) + ["NoNormalization"] * len(extra)
+    cfg["use_mask_for_norm"] = list(cfg["use_mask_for_norm"]) + [False] * len(extra)
+    props = plans.setdefault("foreground_intensity_properties_per_channel", {})
+    for c in range(n_src, len(channels)):
+        props[str(c)] = {"max": 1.0, "mean": 0.5, "median": 0.5, "min": 0.0,
+                         "percentile_00_5": 0.0, "percentile_99_5": 1.0, "std": 0.5}
+    return plans
 
 
 def _overrides_to_json(ov: NetworkOverrides) -> dict[str, Any]:
@@ -446,7 +457,10 @@ def _plan_and_preprocess_here(
     overrides: NetworkOverrides,
     num_processes: int,
     progress: ProgressCallback | None,
+    plans_from: Path | None = None,
 ) -> Path:
+    import shutil
+
     ov = overrides
     with nnunet_environment(raw_root, preprocessed_root, None), _nnunet_da_processes(num_processes):
         with _quiet():
@@ -458,16 +472,32 @@ def _plan_and_preprocess_here(
             from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
 
         t0 = time.perf_counter()
-        try:
-            with _quiet():
-                extract_fingerprint_dataset(dataset_id, num_processes=num_processes, check_dataset_integrity=False,
-                                            clean=True, verbose=False, show_progress_bar=False)
-                _plans, plans_identifier = plan_experiment_dataset(dataset_id)
-        except Exception as exc:
-            raise TrainingError(f"planning dataset {dataset_id} in {raw_root} failed: {exc}") from exc
         ds_name = convert_id_to_dataset_name(dataset_id)
-        plans_file = Path(preprocessed_root) / ds_name / f"{plans_identifier}.json"
-        plans = json.loads(plans_file.read_text())
+        if plans_from is not None:
+            plans_identifier = "nnUNetPlans"
+            raw_json = json.loads((Path(raw_root) / ds_name / "dataset.json").read_text())
+            (Path(preprocessed_root) / ds_name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(raw_root) / ds_name / "dataset.json", Path(preprocessed_root) / ds_name / "dataset.json")
+            plans = _reused_plans(Path(plans_from), ds_name, raw_json, configuration)
+            plans_file = Path(preprocessed_root) / ds_name / f"{plans_identifier}.json"
+            # nnU-Net's trainer copies the fingerprint into the results folder: say whose it is.
+            source_dir = Path(plans_from) if Path(plans_from).is_dir() else Path(plans_from).parent
+            fingerprint: dict[str, Any] = {}
+            if (source_dir / "dataset_fingerprint.json").is_file():
+                fingerprint = json.loads((source_dir / "dataset_fingerprint.json").read_text())
+            fingerprint["i3node_note"] = f"not this dataset's: copied with the plans reused from {source_dir}"
+            (Path(preprocessed_root) / ds_name / "dataset_fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
+        else:
+            try:
+                with _quiet():
+                    extract_fingerprint_dataset(dataset_id, num_processes=num_processes,
+                                                check_dataset_integrity=False, clean=True, verbose=False,
+                                                show_progress_bar=False)
+                    _plans, plans_identifier = plan_experiment_dataset(dataset_id)
+            except Exception as exc:
+                raise TrainingError(f"planning dataset {dataset_id} in {raw_root} failed: {exc}") from exc
+            plans_file = Path(preprocessed_root) / ds_name / f"{plans_identifier}.json"
+            plans = json.loads(plans_file.read_text())
         if configuration not in plans["configurations"]:
             raise TrainingError(f"configuration {configuration!r} not planned for {ds_name}; "
                                 f"available: {sorted(plans['configurations'])}")
@@ -943,7 +973,7 @@ def _child_main(argv: Sequence[str]) -> int:
             int(args["dataset_id"]), raw_root=Path(args["raw_root"]),
             preprocessed_root=Path(args["preprocessed_root"]), configuration=str(args["configuration"]),
             overrides=_overrides_from_json(args["overrides"]), num_processes=int(args["num_processes"]),
-            progress=relay)
+            progress=relay, plans_from=Path(args["plans_from"]) if args.get("plans_from") else None)
     else:
         result = _train_folds_here(
             int(args["dataset_id"]), [int(f) for f in args["folds"]],
