@@ -1,14 +1,25 @@
 """i3Deep refinement: encode expert corrections and run the refinement nnU-Net.
 
-The refinement model is a standard nnU-Net v2 model whose input is the image channel(s)
-followed by *correction channels* built from the expert's corrected slices
-(papers/000 section 3.2.4, design "Refinement input"):
+The refinement model is a standard nnU-Net v2 model whose input is the image channel(s),
+optionally the presegmentation ensemble's mean probabilities (*prior channels*), then
+*correction channels* built from the expert's corrected slices (papers/000 section 3.2.4,
+design "Refinement input"), and optionally *distance channels*. :class:`InputLayout` describes
+which of them a model takes; :func:`build_input` builds them in that order:
+
+* image channel(s), normalised by nnU-Net as planned (e.g. ``"CT"``);
+* prior (``InputLayout.prior``): the ensemble's mean probability of every foreground class,
+  so the network starts from the presegmentation instead of being a weaker fourth model;
+* corrections, as the :class:`Encoding` says:
 
 * :attr:`Encoding.I3DEEP` - exactly as i3Deep: one binary channel per foreground class,
   1 where the expert labelled that class on a reviewed slice, 0 everywhere else.
 * :attr:`Encoding.I3DEEP_REVIEWED` - the same plus a last ``reviewed`` channel, 1 on every
   voxel of every reviewed slice, so the model can tell "the expert says background" from
-  "nobody looked here".
+  "nobody looked here";
+
+* distance (``InputLayout.distance``): per foreground class ``exp(-d / DISTANCE_SCALE_MM)``
+  with ``d`` the Euclidean distance in mm to the nearest voxel the expert labelled with that
+  class (0 where the expert drew none), so a corrected plane is visible across a whole patch.
 
 How a results folder declares its encoding
 ------------------------------------------
@@ -21,13 +32,18 @@ channel names first (e.g. ``"CT"``) and one ``"noNorm"`` entry per correction ch
 choose the same).  Because several channels share the name ``"noNorm"``, the encoding is also
 stated explicitly under an extra top-level key that nnU-Net ignores::
 
-    "channel_names": {"0": "CT", "1": "noNorm", "2": "noNorm", "3": "noNorm"},
-    "i3node": {"format": 1, "encoding": "i3deep+reviewed", "image_channels": 1,
+    "channel_names": {"0": "CT", "1": "noNorm", ..., "7": "noNorm"},
+    "i3node": {"format": 2, "encoding": "i3deep+reviewed", "image_channels": 1,
+               "prior": true, "distance": true,
+               "channels": ["image", "prior:organ", "prior:lesion", "organ", "lesion",
+                            "reviewed", "distance:organ", "distance:lesion"],
                "correction_channels": ["organ", "lesion", "reviewed"],
                "classes": {"1": "organ", "2": "lesion"}}
 
-:func:`encoding_from_dataset_json` reads the ``"i3node"`` key and, when it is absent, falls back
-to counting the trailing ``noNorm`` channels against the number of foreground labels.
+:func:`layout_from_dataset_json` reads the ``"i3node"`` key (format 1 models, written before
+prior and distance channels existed, read as ``prior=False, distance=False``) and, when it is
+absent, falls back to counting the trailing ``noNorm`` channels against the number of
+foreground labels (i3Deep's plain layout).
 
 Training and inference geometry
 -------------------------------
@@ -46,6 +62,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -53,15 +70,20 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DISTANCE_SCALE_MM",
     "Encoding",
     "I3NODE_KEY",
+    "InputLayout",
     "NO_NORM",
     "RefinementModel",
     "RefinementModelError",
+    "build_input",
     "correction_channel_names",
+    "distance_channels",
     "encode_corrections",
     "encoding_from_dataset_json",
     "force_reviewed",
+    "layout_from_dataset_json",
     "refinement_dataset_json",
     "reviewed_mask",
 ]
@@ -73,7 +95,9 @@ NO_NORM = "noNorm"
 """nnU-Net channel name that maps to ``NoNormalization``."""
 
 REVIEWED_CHANNEL = "reviewed"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+DISTANCE_SCALE_MM = 10.0
+"""Decay length of the distance channels: ``exp(-d / DISTANCE_SCALE_MM)``."""
 
 
 class Encoding(str, Enum):
@@ -264,6 +288,179 @@ def encode_corrections(
     return out
 
 
+@dataclass(frozen=True)
+class InputLayout:
+    """The input channels a refinement network takes, in order.
+
+    Attributes
+    ----------
+    class_names : tuple of str
+        All classes, background first.
+    image_channels : int
+        Number of image channels (first).
+    prior : bool
+        Then one channel per foreground class: the presegmentation ensemble's mean probability.
+    encoding : Encoding
+        Then the correction channels (see :class:`Encoding`).
+    distance : bool
+        Then one channel per foreground class: ``exp(-d / DISTANCE_SCALE_MM)``, ``d`` the
+        distance in mm to the nearest reviewed voxel the expert gave that class.
+    """
+
+    class_names: tuple[str, ...]
+    image_channels: int = 1
+    prior: bool = False
+    encoding: Encoding = Encoding.I3DEEP_REVIEWED
+    distance: bool = False
+
+    def __post_init__(self) -> None:
+        _check_n_classes(len(self.class_names))
+        object.__setattr__(self, "class_names", tuple(str(n) for n in self.class_names))
+        object.__setattr__(self, "encoding", Encoding(self.encoding))
+        if isinstance(self.image_channels, bool) or not isinstance(self.image_channels, (int, np.integer)) \
+                or self.image_channels < 1:
+            raise ValueError(f"image_channels must be an integer >= 1, got {self.image_channels!r}")
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes, background included."""
+        return len(self.class_names)
+
+    @property
+    def foreground(self) -> tuple[str, ...]:
+        """Foreground class names."""
+        return self.class_names[1:]
+
+    def channel_roles(self) -> list[str]:
+        """One role per input channel: ``image``, ``prior:<class>``, ``<class>``, ``reviewed``, ``distance:<class>``."""
+        roles = ["image"] * int(self.image_channels)
+        if self.prior:
+            roles += [f"prior:{c}" for c in self.foreground]
+        roles += correction_channel_names(self.encoding, self.class_names)
+        if self.distance:
+            roles += [f"distance:{c}" for c in self.foreground]
+        return roles
+
+    @property
+    def n_channels(self) -> int:
+        """Total number of input channels."""
+        return len(self.channel_roles())
+
+    @property
+    def n_derived_channels(self) -> int:
+        """Channels after the image ones (prior, corrections, distance)."""
+        return self.n_channels - int(self.image_channels)
+
+    def describe(self) -> str:
+        """Short label, e.g. ``image+prior+i3deep+reviewed+distance``."""
+        parts = ["image"] + (["prior"] if self.prior else []) + [self.encoding.value] + \
+            (["distance"] if self.distance else [])
+        return "+".join(parts)
+
+
+def distance_channels(
+    expert_labels: np.ndarray,
+    mask: np.ndarray,
+    n_classes: int,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
+    """Per foreground class, ``exp(-d / DISTANCE_SCALE_MM)`` of the distance to its corrections.
+
+    Parameters
+    ----------
+    expert_labels : np.ndarray
+        Integer ``(z, y, x)`` labels; read on ``mask`` only.
+    mask : np.ndarray
+        Boolean reviewed mask of the same shape.
+    n_classes : int
+        Number of classes, background included.
+    spacing : sequence of float, optional
+        Voxel spacing ``(z, y, x)`` in mm.
+
+    Returns
+    -------
+    np.ndarray
+        float32 ``(n_classes - 1, z, y, x)`` in ``[0, 1]``: 1 on the voxels the expert gave
+        that class, decaying with distance, all 0 where the expert gave it nowhere.
+    """
+    from scipy import ndimage
+
+    n_classes = _check_n_classes(n_classes)
+    labels = np.asarray(expert_labels)
+    mask = np.asarray(mask, dtype=bool)
+    if labels.shape != mask.shape or labels.ndim != 3:
+        raise ValueError(f"expert_labels {labels.shape} and mask {mask.shape} must be the same (z, y, x) shape")
+    sp = _check_spacing(spacing)
+    out = np.zeros((n_classes - 1, *labels.shape), dtype=np.float32)
+    for k in range(1, n_classes):
+        seeds = mask & (labels == k)
+        if not seeds.any():
+            continue
+        d = ndimage.distance_transform_edt(~seeds, sampling=sp)
+        out[k - 1] = np.exp(-np.asarray(d, dtype=np.float32) / np.float32(DISTANCE_SCALE_MM))
+    return out
+
+
+def build_input(
+    layout: InputLayout,
+    image: np.ndarray,
+    expert_labels: np.ndarray,
+    reviewed: Mapping[int, Sequence[int]] | np.ndarray,
+    *,
+    prior: np.ndarray | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
+    """All input channels of a refinement network, in :meth:`InputLayout.channel_roles` order.
+
+    Parameters
+    ----------
+    layout : InputLayout
+        The network's input layout.
+    image : np.ndarray
+        ``(z, y, x)`` or ``(c, z, y, x)`` image, unnormalised.
+    expert_labels : np.ndarray
+        Integer ``(z, y, x)`` labels; read on reviewed voxels only.
+    reviewed : mapping or np.ndarray
+        Reviewed slices (axis -> indices) or a boolean mask.
+    prior : np.ndarray, optional
+        ``(C, z, y, x)`` ensemble mean probabilities (all classes, background first); required
+        when ``layout.prior``.
+    spacing : sequence of float, optional
+        Voxel spacing ``(z, y, x)`` in mm (for the distance channels).
+
+    Returns
+    -------
+    np.ndarray
+        float32 ``(layout.n_channels, z, y, x)``.
+
+    Raises
+    ------
+    ValueError
+        If the image has the wrong number of channels, the prior is missing or has the wrong
+        shape, or the corrections are invalid (see :func:`encode_corrections`).
+    """
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[0] != layout.image_channels:
+        raise ValueError(f"image must have {layout.image_channels} channel(s) (z, y, x), got shape {image.shape}")
+    spatial = image.shape[1:]
+    encoded = encode_corrections(image, expert_labels, reviewed, layout.n_classes, layout.encoding)
+    parts = [encoded[: layout.image_channels]]
+    if layout.prior:
+        if prior is None:
+            raise ValueError("prior: this refinement model takes the presegmentation's probabilities; none given")
+        prior = np.asarray(prior)
+        if prior.shape != (layout.n_classes, *spatial):
+            raise ValueError(f"prior must have shape {(layout.n_classes, *spatial)} (C, z, y, x), got {prior.shape}")
+        parts.append(prior[1:].astype(np.float32, copy=False))
+    parts.append(encoded[layout.image_channels:])
+    if layout.distance:
+        mask = reviewed_mask(spatial, reviewed)
+        parts.append(distance_channels(np.asarray(expert_labels), mask, layout.n_classes, spacing))
+    return np.concatenate(parts, axis=0).astype(np.float32, copy=False)
+
+
 def force_reviewed(pred: np.ndarray, expert_labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Return ``pred`` with every reviewed voxel set to the expert's label.
 
@@ -305,6 +502,8 @@ def refinement_dataset_json(
     encoding: Encoding,
     *,
     n_image_channels: int | None = None,
+    prior: bool = False,
+    distance: bool = False,
 ) -> dict[str, Any]:
     """Turn an image-only nnU-Net ``dataset.json`` into the refinement model's one.
 
@@ -316,12 +515,14 @@ def refinement_dataset_json(
         Correction encoding the model is trained with.
     n_image_channels : int, optional
         Number of image channels; default ``len(base["channel_names"])``.
+    prior, distance : bool, optional
+        Whether the model also takes prior and distance channels (see :class:`InputLayout`).
 
     Returns
     -------
     dict
-        A copy with the correction channels appended to ``channel_names`` as ``"noNorm"`` and
-        the ``"i3node"`` key describing the encoding.
+        A copy with every channel after the image ones appended to ``channel_names`` as
+        ``"noNorm"`` and the ``"i3node"`` key describing the layout.
     """
     encoding = Encoding(encoding)
     out = json.loads(json.dumps(dict(base)))
@@ -331,25 +532,29 @@ def refinement_dataset_json(
     n_img = len(names) if n_image_channels is None else int(n_image_channels)
     if not 1 <= n_img <= len(names):
         raise ValueError(f"n_image_channels must be in [1, {len(names)}], got {n_image_channels!r}")
-    names = names[:n_img]
     class_names = _class_names(out["labels"])
-    corr = correction_channel_names(encoding, class_names)
-    names += [NO_NORM] * len(corr)
+    layout = InputLayout(tuple(class_names), n_img, bool(prior), encoding, bool(distance))
+    names = names[:n_img] + [NO_NORM] * layout.n_derived_channels
     out["channel_names"] = {str(i): n for i, n in enumerate(names)}
     out[I3NODE_KEY] = {
         "format": _FORMAT_VERSION,
         "encoding": encoding.value,
         "image_channels": n_img,
-        "correction_channels": corr,
+        "prior": layout.prior,
+        "distance": layout.distance,
+        "channels": layout.channel_roles(),
+        "correction_channels": correction_channel_names(encoding, class_names),
         "classes": {str(i): n for i, n in enumerate(class_names) if i > 0},
     }
     return out
 
 
 def _class_names(labels: Mapping[str, Any]) -> list[str]:
-    """Class names ordered by label value from a dataset.json ``labels`` dict."""
+    """Class names ordered by label value from a dataset.json ``labels`` dict (``ignore`` skipped)."""
     by_value: dict[int, str] = {}
     for name, value in labels.items():
+        if name == "ignore":
+            continue
         if isinstance(value, (list, tuple)):
             raise ValueError("region-based label definitions are not supported by the refinement model")
         by_value[int(value)] = str(name)
@@ -358,8 +563,8 @@ def _class_names(labels: Mapping[str, Any]) -> list[str]:
     return [by_value[i] for i in range(len(by_value))]
 
 
-def encoding_from_dataset_json(dataset_json: Mapping[str, Any]) -> Encoding:
-    """Read the correction encoding a refinement model expects.
+def layout_from_dataset_json(dataset_json: Mapping[str, Any]) -> InputLayout:
+    """Read the input layout a refinement model expects.
 
     Parameters
     ----------
@@ -368,11 +573,11 @@ def encoding_from_dataset_json(dataset_json: Mapping[str, Any]) -> Encoding:
 
     Returns
     -------
-    Encoding
-        From the ``"i3node"`` key when present; otherwise inferred by counting the trailing
-        ``noNorm`` channels: ``n_foreground`` -> :attr:`Encoding.I3DEEP`,
-        ``n_foreground + 1`` -> :attr:`Encoding.I3DEEP_REVIEWED` (at least one image channel
-        must remain).
+    InputLayout
+        From the ``"i3node"`` key when present (format 1 has neither prior nor distance
+        channels); otherwise i3Deep's plain layout inferred by counting the trailing
+        ``noNorm`` channels: ``n_foreground`` -> :attr:`Encoding.I3DEEP`, ``n_foreground + 1``
+        -> :attr:`Encoding.I3DEEP_REVIEWED` (at least one image channel must remain).
 
     Raises
     ------
@@ -387,7 +592,8 @@ def encoding_from_dataset_json(dataset_json: Mapping[str, Any]) -> Encoding:
     if not isinstance(channels, Mapping) or not isinstance(labels, Mapping):
         raise ValueError("dataset_json needs 'channel_names' and 'labels' mappings")
     names = [str(channels[k]) for k in sorted(channels, key=int)]
-    n_fg = len(_class_names(labels)) - 1
+    class_names = tuple(_class_names(labels))
+    n_fg = len(class_names) - 1
     if n_fg < 1:
         raise ValueError("dataset_json declares no foreground label")
     meta = dataset_json.get(I3NODE_KEY)
@@ -401,36 +607,33 @@ def encoding_from_dataset_json(dataset_json: Mapping[str, Any]) -> Encoding:
             raise ValueError(
                 f"dataset_json[{I3NODE_KEY!r}]['encoding'] = {meta['encoding']!r} is not one of {allowed}"
             ) from None
-        n_img = int(meta.get("image_channels", len(names) - enc.n_correction_channels(n_fg + 1)))
-        if n_img < 1 or n_img + enc.n_correction_channels(n_fg + 1) != len(names):
+        prior, distance = bool(meta.get("prior", False)), bool(meta.get("distance", False))
+        n_derived = InputLayout(class_names, 1, prior, enc, distance).n_derived_channels
+        n_img = int(meta.get("image_channels", len(names) - n_derived))
+        if n_img < 1 or n_img + n_derived != len(names):
             raise ValueError(
-                f"dataset_json declares encoding {enc.value!r} with {n_img} image channel(s) and "
-                f"{n_fg} foreground class(es), but lists {len(names)} channels"
+                f"dataset_json declares encoding {enc.value!r} (prior {prior}, distance {distance}) with "
+                f"{n_img} image channel(s) and {n_fg} foreground class(es), but lists {len(names)} channels"
             )
-        return enc
+        return InputLayout(class_names, n_img, prior, enc, distance)
     trailing = 0
     for name in reversed(names):
         if name.casefold() != NO_NORM.casefold():
             break
         trailing += 1
-    candidates = [
-        e for e in Encoding
-        if e.n_correction_channels(n_fg + 1) <= trailing and len(names) - e.n_correction_channels(n_fg + 1) >= 1
-    ]
-    exact = [e for e in candidates if e.n_correction_channels(n_fg + 1) == trailing]
+    exact = [e for e in Encoding if e.n_correction_channels(n_fg + 1) == trailing
+             and len(names) - trailing >= 1]
     if len(exact) == 1:
-        return exact[0]
+        return InputLayout(class_names, len(names) - trailing, False, exact[0], False)
     raise ValueError(
         f"cannot infer the refinement encoding from channel_names {names} with {n_fg} foreground "
         f"class(es); add a {I3NODE_KEY!r} key stating it"
     )
 
 
-def n_image_channels_from_dataset_json(dataset_json: Mapping[str, Any]) -> int:
-    """Number of image channels of a refinement model (total minus correction channels)."""
-    enc = encoding_from_dataset_json(dataset_json)
-    n_classes = len(_class_names(dataset_json["labels"]))
-    return len(dataset_json["channel_names"]) - enc.n_correction_channels(n_classes)
+def encoding_from_dataset_json(dataset_json: Mapping[str, Any]) -> Encoding:
+    """The correction :class:`Encoding` of a refinement model (see :func:`layout_from_dataset_json`)."""
+    return layout_from_dataset_json(dataset_json).encoding
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,13 +708,14 @@ class RefinementModel:
         except (OSError, json.JSONDecodeError) as exc:
             raise RefinementModelError(f"cannot read {model_dir}/dataset.json or plans.json: {exc}") from exc
         try:
-            self.encoding: Encoding = encoding_from_dataset_json(self.dataset_json)
-            self.class_names: list[str] = _class_names(self.dataset_json["labels"])
+            self.layout: InputLayout = layout_from_dataset_json(self.dataset_json)
         except ValueError as exc:
             raise RefinementModelError(f"{model_dir}/dataset.json: {exc}") from exc
-        self.n_classes: int = len(self.class_names)
+        self.encoding: Encoding = self.layout.encoding
+        self.class_names: list[str] = list(self.layout.class_names)
+        self.n_classes: int = self.layout.n_classes
         self.n_channels: int = len(self.dataset_json["channel_names"])
-        self.n_image_channels: int = self.n_channels - self.encoding.n_correction_channels(self.n_classes)
+        self.n_image_channels: int = self.layout.image_channels
         if not 0.0 < tile_step_size <= 1.0:
             raise ValueError(f"tile_step_size must be in (0, 1], got {tile_step_size!r}")
         available = _find_fold_dirs(model_dir, checkpoint_name)
@@ -553,6 +757,11 @@ class RefinementModel:
                 f"channel(s) {missing} (nnU-Net's preprocessor needs an entry for every channel)"
             )
 
+    @property
+    def takes_prior(self) -> bool:
+        """Whether :meth:`predict` needs the presegmentation's probabilities."""
+        return self.layout.prior
+
     def load(self) -> None:
         """Load the network now (otherwise it is loaded on the first :meth:`predict`)."""
         self._load()
@@ -576,8 +785,7 @@ class RefinementModel:
             if "size mismatch" in str(exc):
                 raise RefinementModelError(
                     f"{self.model_dir}: the checkpoint's network does not take the {self.n_channels} input "
-                    f"channel(s) dataset.json lists ({self.n_image_channels} image + "
-                    f"{self.encoding.value} corrections): {exc}"
+                    f"channel(s) dataset.json lists ({self.layout.describe()}): {exc}"
                 ) from exc
             raise RefinementModelError(f"cannot load refinement model {self.model_dir}: {exc}") from exc
         network = getattr(getattr(ensemble, "_predictor", None), "network", None)
@@ -585,7 +793,7 @@ class RefinementModel:
         if in_ch is not None and in_ch != self.n_channels:
             raise RefinementModelError(
                 f"{self.model_dir}: the network takes {in_ch} input channel(s) but dataset.json lists "
-                f"{self.n_channels} ({self.n_image_channels} image + {self.encoding.value} corrections)"
+                f"{self.n_channels} ({self.layout.describe()})"
             )
         self._ensemble = ensemble
         return ensemble
@@ -596,12 +804,13 @@ class RefinementModel:
         spacing: Sequence[float],
         expert_labels: np.ndarray,
         reviewed: Mapping[int, Sequence[int]] | np.ndarray,
+        prior: np.ndarray | None = None,
     ) -> np.ndarray:
         """Fold-averaged class probabilities of the refinement network.
 
         Parameters
         ----------
-        image, spacing, expert_labels, reviewed
+        image, spacing, expert_labels, reviewed, prior
             As for :meth:`predict`.
 
         Returns
@@ -612,7 +821,7 @@ class RefinementModel:
         """
         image = self._check_image(image)
         spacing_t = _check_spacing(spacing)
-        data = encode_corrections(image, expert_labels, reviewed, self.n_classes, self.encoding)
+        data = build_input(self.layout, image, expert_labels, reviewed, prior=prior, spacing=spacing_t)
         ensemble = self._load()
         total: np.ndarray | None = None
         n = 0
@@ -629,6 +838,7 @@ class RefinementModel:
         spacing: Sequence[float],
         expert_labels: np.ndarray,
         reviewed: Mapping[int, Sequence[int]] | np.ndarray,
+        prior: np.ndarray | None = None,
     ) -> np.ndarray:
         """Refine a segmentation from expert-corrected slices.
 
@@ -643,6 +853,9 @@ class RefinementModel:
         reviewed : mapping of int to sequence of int, or np.ndarray
             Reviewed slices (axis -> indices, every requested slice counts even if unchanged) or
             a boolean mask.
+        prior : np.ndarray, optional
+            ``(C, z, y, x)`` mean probabilities of the presegmentation ensemble; required when
+            the model's layout has prior channels (:attr:`takes_prior`).
 
         Returns
         -------
@@ -650,7 +863,7 @@ class RefinementModel:
             uint8 ``(z, y, x)`` labels: argmax of the fold-averaged probabilities, with every
             reviewed voxel equal to ``expert_labels``.
         """
-        probs = self.probabilities(image, spacing, expert_labels, reviewed)
+        probs = self.probabilities(image, spacing, expert_labels, reviewed, prior)
         pred = np.argmax(probs, axis=0).astype(np.uint8)
         mask = reviewed_mask(pred.shape, reviewed)
         return force_reviewed(pred, np.asarray(expert_labels).astype(np.uint8), mask)
