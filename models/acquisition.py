@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["select_slices", "select_slices_uss", "slice_scores"]
+__all__ = ["planes_per_axis", "select_slices", "select_slices_uss", "slice_scores"]
 
 
 def _check_u(u: np.ndarray) -> np.ndarray:
@@ -232,3 +232,50 @@ def select_slices_uss(
         kept = _greedy_nms(m, _order(m), int(min_distance), allowed=is_peak)
         result[axis] = kept[:max_slices]
     return result
+
+
+def planes_per_axis(
+    axes: Iterable[int],
+    max_slices: int,
+    *,
+    annotation_ratio: float = 0.0,
+    foreground_axial_slices: int = 0,
+) -> dict[int, int]:
+    """The annotation budget: how many slices to ask for along each axis.
+
+    Parameters
+    ----------
+    axes : iterable of int
+        Orientations (0, 1, 2).
+    max_slices : int
+        Cap per orientation (the paper's ``maxSlices``).
+    annotation_ratio : float, optional
+        When > 0, the whole budget is ``round(annotation_ratio * foreground_axial_slices)``
+        slices (at least one per orientation), spread as evenly as possible over ``axes``
+        (earlier axes take the remainder), each capped at ``max_slices``. 0 keeps
+        ``max_slices`` per orientation (the paper's rule, meant for clinical sizes).
+    foreground_axial_slices : int, optional
+        Axial slices holding foreground in the presegmentation (what the Annotation Ratio of
+        papers/000 5.4 divides by).
+
+    Returns
+    -------
+    dict of int to int
+        Axis -> slices to ask for (the selection may return fewer).
+
+    Raises
+    ------
+    ValueError
+        On negative or non-finite arguments or invalid axes.
+    """
+    axes_t = _check_axes(axes)
+    max_slices = _check_max_slices(max_slices)
+    if isinstance(annotation_ratio, bool) or not (math.isfinite(float(annotation_ratio)) and annotation_ratio >= 0):
+        raise ValueError(f"annotation_ratio must be a finite number >= 0, got {annotation_ratio!r}")
+    if isinstance(foreground_axial_slices, bool) or int(foreground_axial_slices) < 0:
+        raise ValueError(f"foreground_axial_slices must be an integer >= 0, got {foreground_axial_slices!r}")
+    if annotation_ratio == 0 or not axes_t:
+        return {a: max_slices for a in axes_t}
+    total = max(len(axes_t), int(round(float(annotation_ratio) * int(foreground_axial_slices))))
+    base, extra = divmod(total, len(axes_t))
+    return {a: min(max_slices, base + (1 if i < extra else 0)) for i, a in enumerate(axes_t)}

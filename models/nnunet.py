@@ -441,6 +441,105 @@ class EnsemblePredictor:
             torch.set_num_threads(n_threads)
             self._predictor.mc_modules = []
 
+    def adapted_probabilities(
+        self,
+        image: np.ndarray,
+        spacing: Sequence[float],
+        expert_labels: np.ndarray,
+        reviewed: np.ndarray,
+        *,
+        steps: int = 20,
+        lr: float = 1e-3,
+        folds: Sequence[int | str] | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Test-time adaptation (papers/001): fine-tune the last layers on the corrected voxels.
+
+        For each fold (member without TTA/MC), a copy of its weights is fine-tuned for ``steps``
+        Adam steps on patches centred on reviewed voxels, with a class-balanced cross-entropy
+        over the reviewed voxels only; only the last decoder stage and the segmentation head
+        learn. The adapted folds then predict the whole volume; the stored weights are never
+        changed.
+
+        Parameters
+        ----------
+        image, spacing
+            As for :meth:`iter_members`.
+        expert_labels : np.ndarray
+            Integer ``(z, y, x)`` labels, read on ``reviewed`` voxels.
+        reviewed : np.ndarray
+            Boolean ``(z, y, x)`` mask of the reviewed voxels.
+        steps : int, optional
+            Optimisation steps per fold (>= 0; 0 is the plain ensemble).
+        lr : float, optional
+            Adam learning rate.
+        folds : sequence, optional
+            Folds to adapt and average; default every fold of the ensemble.
+        seed : int, optional
+            Seed of the patch sampling.
+
+        Returns
+        -------
+        np.ndarray
+            float32 ``(C, z, y, x)``: mean of the adapted folds' softmax probabilities.
+        """
+        import torch
+        from nnunetv2.inference.export_prediction import (
+            convert_predicted_logits_to_segmentation_with_correct_shape,
+        )
+
+        arr, sp = self._check_input(image, spacing)
+        expert_labels = np.asarray(expert_labels)
+        reviewed = np.asarray(reviewed, dtype=bool)
+        if expert_labels.shape != arr.shape[1:] or reviewed.shape != arr.shape[1:]:
+            raise ValueError(f"expert_labels {expert_labels.shape} and reviewed {reviewed.shape} must have the "
+                             f"image's shape {arr.shape[1:]}")
+        if int(steps) < 0:
+            raise ValueError(f"steps: must be >= 0, got {steps}")
+        chosen = list(self.folds) if folds is None else [("all" if f == "all" else int(f)) for f in folds]
+        unknown = [f for f in chosen if f not in self.folds]
+        if not chosen or unknown:
+            raise ValueError(f"folds: {unknown or chosen} not among the ensemble's folds {list(self.folds)}")
+        code = np.where(reviewed, expert_labels.astype(np.int16) + 1, 0).astype(np.int16)
+        p = self._predictor
+        with _quiet():
+            preprocessor = p.configuration_manager.preprocessor_class(verbose=False)
+            data_np, code_pp, properties = preprocessor.run_case_npy(
+                arr, code[None].astype(np.float32), {"spacing": sp}, p.plans_manager, p.configuration_manager,
+                p.dataset_json)
+        data = torch.from_numpy(np.ascontiguousarray(data_np)).float()
+        target = torch.from_numpy(np.maximum(np.asarray(code_pp[0], dtype=np.int64) - 1, -1))  # -1: not reviewed
+        net = p.network
+        fold_index = {f: i for i, f in enumerate(self.folds)}
+        trainable = _adaptable_modules(net)
+        gen = torch.Generator().manual_seed(int(seed))
+        total: np.ndarray | None = None
+        n_threads = torch.get_num_threads()
+        from nnunetv2.configuration import default_num_processes
+
+        torch.set_num_threads(min(default_num_processes, n_threads))
+        try:
+            for fold in chosen:
+                net.load_state_dict(self._fold_params[fold_index[fold]])
+                if steps and (target >= 0).any():
+                    _adapt(net, trainable, data, target, self.n_classes, self.patch_size, int(steps), float(lr),
+                           gen, self.device)
+                with _quiet(), torch.no_grad():
+                    logits = p.predict_sliding_window_return_logits(data).to("cpu")
+                    _seg, probs = convert_predicted_logits_to_segmentation_with_correct_shape(
+                        logits, p.plans_manager, p.configuration_manager, p.label_manager, properties,
+                        return_probabilities=True)
+                probs = np.asarray(probs, dtype=np.float32)
+                total = probs if total is None else total + probs
+        finally:
+            torch.set_num_threads(n_threads)
+            for m in net.modules():
+                for prm in m.parameters(recurse=False):
+                    prm.requires_grad_(False)
+        if total is None:  # pragma: no cover - chosen is never empty
+            raise ModelError(f"model folder {self.model_dir}: no fold adapted")
+        return total / np.float32(len(chosen))
+
     def predict_members(self, image: np.ndarray, spacing: Sequence[float],
                         dtype: type[np.floating[Any]] | np.dtype[Any] = np.float32) -> np.ndarray:
         """All members stacked: ``(T, C, z, y, x)`` - for small inputs and tests.
@@ -468,6 +567,65 @@ class EnsemblePredictor:
         if out is None:  # pragma: no cover - n_members >= 1 by construction
             raise ModelError(f"model folder {self.model_dir}: no members")
         return out
+
+
+def _adaptable_modules(network: Any) -> list[Any]:
+    """The last decoder stage and the segmentation head(s) of an nnU-Net network."""
+    decoder = getattr(network, "decoder", None)
+    mods = []
+    if decoder is not None and hasattr(decoder, "stages") and len(decoder.stages):
+        mods.append(decoder.stages[-1])
+    if decoder is not None and hasattr(decoder, "seg_layers"):
+        mods.append(decoder.seg_layers[-1] if len(decoder.seg_layers) else decoder.seg_layers)
+    if not mods:
+        raise ModelError("test-time adaptation needs an nnU-Net encoder-decoder network (decoder.stages, seg_layers)")
+    return mods
+
+
+def _adapt(net: Any, modules: Sequence[Any], data: Any, target: Any, n_classes: int, patch: Sequence[int],
+           steps: int, lr: float, gen: Any, device: Any) -> None:
+    """Fine-tune ``modules`` of ``net`` in place on the reviewed voxels (``target >= 0``)."""
+    import torch
+
+    for prm in net.parameters():
+        prm.requires_grad_(False)
+    params = [prm for m in modules for prm in m.parameters()]
+    for prm in params:
+        prm.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    spatial = tuple(int(s) for s in data.shape[1:])
+    size = [min(int(ps), s) for ps, s in zip(patch, spatial)]
+    reviewed = torch.nonzero(target >= 0)
+    counts = torch.bincount(target[target >= 0], minlength=n_classes).float()
+    weight = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight.to(device), ignore_index=-1)
+    net.eval()
+    for _ in range(steps):
+        centre = reviewed[int(torch.randint(len(reviewed), (1,), generator=gen))]
+        lo = [int(min(max(int(c) - sz // 2, 0), s - sz)) for c, sz, s in zip(centre, size, spatial)]
+        sl = tuple(slice(a, a + sz) for a, sz in zip(lo, size))
+        x = data[(slice(None), *sl)][None]
+        y = target[sl][None]
+        x = _pad_to(x, patch)
+        y = _pad_to(y[:, None], patch, value=-1)[:, 0]
+        opt.zero_grad()
+        with torch.enable_grad():
+            out = net(x.to(device))
+            if isinstance(out, (list, tuple)):
+                out = out[0]
+            loss = loss_fn(out, y.to(device))
+            loss.backward()
+        opt.step()
+
+
+def _pad_to(x: Any, patch: Sequence[int], value: float = 0.0) -> Any:
+    """Pad a ``(b, c, z, y, x)`` tensor at the end of each spatial axis up to ``patch``."""
+    import torch
+
+    pad: list[int] = []
+    for ps, s in reversed(list(zip(patch, x.shape[2:]))):
+        pad += [0, max(0, int(ps) - int(s))]
+    return torch.nn.functional.pad(x, pad, value=value) if any(pad) else x
 
 
 def bare_predictor(
