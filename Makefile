@@ -11,12 +11,13 @@ APT_TEST_PACKAGES := dcmtk dicom3tools systemd
 export TCP_NODELAY := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test demo bench venv test-tools clean help install-service
+.PHONY: test demo bench eval venv test-tools clean help install-service
 
 help:
 	@echo "make demo   - run the whole i3node loop on loopback with tiny local models"
 	@echo "make test   - run the test suite (installs DCMTK and dicom3tools if missing)"
 	@echo "make bench  - run the benchmarks (ratios against side-by-side baselines)"
+	@echo "make eval   - i3node evaluate on 8 held-out phantoms with the demo models (report in var/evaluate)"
 
 $(STAMP): pyproject.toml
 	@if [ ! -x $(PY) ]; then \
@@ -52,6 +53,11 @@ test: $(STAMP) test-tools
 
 demo: $(STAMP)
 	$(VENV)/bin/i3node demo
+
+# The simulated radiologist over 8 held-out phantoms: every selection x planes x refiner
+# (about 5 minutes on 2 cores once the demo models are cached); report in var/evaluate.
+eval: $(STAMP)
+	$(VENV)/bin/i3node evaluate --cases 8 --out var/evaluate
 
 bench: $(STAMP) test-tools
 	$(PY) -m benchmarks.receive --variants all

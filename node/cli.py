@@ -353,11 +353,20 @@ def cmd_train_model(args: argparse.Namespace) -> int:
         )
     else:
         from models.refinement import Encoding
-        from models.refinement_training import train_refinement_model
+        from models.refinement_training import ReviewSimulation, train_refinement_model
 
+        priors = None
+        if args.preseg_dir:
+            from models.demo import ensemble_priors
+
+            _text_progress(f"presegmenting {len(cases)} case(s) with {args.preseg_dir} for the prior channels "
+                           "(use cases the ensemble was not trained on: its priors are overconfident on those)")
+            priors = ensemble_priors(Path(args.preseg_dir), cases, progress=_text_progress)
         out = train_refinement_model(
-            cases, Path(args.out), encoding=Encoding(args.encoding), epochs=args.epochs,
-            iterations_per_epoch=args.iterations, class_names=classes, progress=_text_progress,
+            cases, Path(args.out), priors=priors, encoding=Encoding(args.encoding), distance=not args.no_distance,
+            simulation=ReviewSimulation(p_bad_prior=args.bad_prior if priors is not None else 0.0),
+            epochs=args.epochs, iterations_per_epoch=args.iterations, class_names=classes, progress=_text_progress,
+            plans_from=Path(args.preseg_dir) if args.preseg_dir else None,
         )
     sys.stdout.write(f"trained in {time.monotonic() - t0:.0f} s; nnU-Net results folder: {out}\n")
     return 0
@@ -377,6 +386,115 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"  presegmentation ensemble: {models.preseg_dir}\n"
         f"  refinement model:         {models.refine_dir}\n"
     )
+    return 0
+
+
+def _csv(kind: type, allowed: Sequence[Any] | None = None) -> Any:
+    """argparse type: a comma-separated list of ``kind`` (each in ``allowed`` when given)."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            items = tuple(kind(t.strip()) for t in text.split(",") if t.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+        bad = [i for i in items if allowed is not None and i not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(map(str, allowed or []))}")
+        return items
+
+    return parse
+
+
+def _setting(text: str) -> Any:
+    """argparse type of ``SELECTION:PLANES`` (e.g. ``i3deep:4``)."""
+    from models.evaluation import SELECTIONS, Setting
+
+    sel, _, planes = text.partition(":")
+    if sel not in SELECTIONS or not planes.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not SELECTION:PLANES with SELECTION in {', '.join(SELECTIONS)}")
+    return Setting(sel, int(planes))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Run the simulated radiologist over a labelled set (see :mod:`node.evaluate`)."""
+    from models.refiners import resolve_method
+    from node.evaluate import (
+        EvaluationConfig,
+        build_refiners,
+        folder_cases,
+        phantom_cases,
+        run_evaluation,
+        write_report,
+    )
+
+    settings = _settings(args)
+    setup_logging(settings.node.log_level)
+    logging.getLogger("models").setLevel(logging.WARNING)
+    if not args.data and args.seed in (11, 13):
+        raise UsageError(f"--seed {args.seed} is a demo training seed; evaluation needs held-out phantoms")
+    if args.data and not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data}: not a folder")
+    if args.cases < 1:
+        raise UsageError("--cases must be at least 1")
+    t0 = time.monotonic()
+    device = None if settings.models.device == "auto" else settings.models.device
+    preseg_dir, refine_dir = args.preseg_dir, args.refine_dir
+    if not preseg_dir:
+        from models.demo import build_demo_models
+
+        demo = build_demo_models(settings.model_cache_dir, progress=_text_progress)
+        preseg_dir = str(demo.preseg_dir)
+        refine_dir = refine_dir or (str(demo.refine_dir) if demo.refine_dir else "")
+    from models.nnunet import EnsemblePredictor, ModelError
+    from models.refinement import RefinementModel, RefinementModelError
+
+    try:
+        ensemble = EnsemblePredictor(Path(preseg_dir), device=device)
+    except (ModelError, ValueError) as exc:
+        raise UsageError(f"--preseg-dir: {exc}") from None
+    class_names = ensemble.class_names
+    if args.missed and args.missed not in class_names[1:]:
+        raise UsageError(f"--missed {args.missed!r}: not a class of the ensemble ({', '.join(class_names[1:])})")
+    refine_model = None
+    if refine_dir:
+        try:
+            refine_model = RefinementModel(Path(refine_dir), device=device)
+            refine_model.load()
+        except (RefinementModelError, ValueError) as exc:
+            raise UsageError(f"--refine-dir: {exc}") from None
+    node_method, why = resolve_method(settings.refinement.method, have_model=refine_model is not None,
+                                      have_ensemble=True)
+    if args.data:
+        try:
+            raw = list(folder_cases(Path(args.data)))[: args.cases]
+        except ValueError as exc:
+            raise UsageError(f"--data: {exc}") from None
+        source = f"labelled volumes in {args.data}"
+    else:
+        raw = list(phantom_cases(args.cases, args.shape, args.seed))
+        source = f"phantoms {'x'.join(map(str, args.shape))}, base seed {args.seed}"
+    if args.missed:
+        source += f"; the ensemble's {args.missed} removed (stress test)"
+    config = EvaluationConfig(selections=args.selections, planes=args.planes, refiners=args.refiners,
+                              configured=args.configured, configured_only=args.configured_only,
+                              min_dist=args.min_dist, min_uncert=settings.acquisition.min_uncert)
+    from node.app import model_tag
+
+    refiners = build_refiners(config.refiners, ensemble=ensemble, refine_model=refine_model,
+                              model_version=model_tag(Path(refine_dir)) if refine_dir else "",
+                              gamma=settings.refinement.gamma, tta_steps=settings.refinement.tta_steps,
+                              tta_lr=settings.refinement.tta_lr)
+    _text_progress(f"evaluating {len(refiners)} refiner(s) on {len(raw)} case(s) x {len(config.settings())} "
+                   f"setting(s); the node delivers {node_method}{' (' + why + ')' if why else ''}")
+    result = run_evaluation(raw, ensemble, refiners, config, class_names=class_names, missed=args.missed,
+                            progress=_text_progress)
+    meta = {"cases": len(raw), "source": source, "preseg_dir": preseg_dir, "refine_dir": refine_dir,
+            "node_method": node_method, "seconds": time.monotonic() - t0,
+            "configured": f"{config.configured.selection}:{config.configured.planes}",
+            "gamma": settings.refinement.gamma, "tta_steps": settings.refinement.tta_steps}
+    paths = write_report(result, Path(args.out), meta=meta, config=config)
+    sys.stdout.write(paths["markdown"].read_text())
+    sys.stdout.write("\nwrote " + ", ".join(str(p) for p in paths.values()) + "\n")
     return 0
 
 
@@ -453,7 +571,35 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--folds", type=int, default=5, help="ensemble members (nnU-Net folds)")
         else:
             t.add_argument("--encoding", choices=("i3deep", "i3deep+reviewed"), default="i3deep+reviewed")
+            t.add_argument("--preseg-dir", default="",
+                           help="presegmentation results folder: its mean probabilities become prior channels")
+            t.add_argument("--bad-prior", type=float, default=0.3,
+                           help="share of samples whose prior is damaged in training (default 0.3)")
+            t.add_argument("--no-distance", action="store_true", help="leave out the distance channels")
         t.set_defaults(func=cmd_train_model)
+
+    from models.evaluation import SELECTIONS, Setting
+    from models.refiners import METHODS
+
+    s = sub.add_parser("evaluate", help="simulated radiologist: Dice of every refiner after one correction round")
+    s.add_argument("--config", help="settings file (refinement gamma and TTA schedule, device)")
+    s.add_argument("--cases", type=int, default=8, help="number of cases (phantoms, or at most N of --data)")
+    s.add_argument("--shape", type=_shape, default=(32, 64, 64), help="phantom size, slices x rows x columns")
+    s.add_argument("--seed", type=int, default=77, help="phantom base seed (not 11 or 13: the demo training seeds)")
+    s.add_argument("--data", help="nnU-Net raw dataset (imagesTr/labelsTr) or images/ + labels/ NIfTI folders")
+    s.add_argument("--preseg-dir", default="", help="presegmentation results folder (default: the demo models)")
+    s.add_argument("--refine-dir", default="", help="refinement results folder (default: the demo models')")
+    s.add_argument("--selections", type=_csv(str, SELECTIONS), default=SELECTIONS, help="comma-separated")
+    s.add_argument("--planes", type=_csv(int), default=(1, 2, 4, 8), help="planes per orientation, comma-separated")
+    s.add_argument("--refiners", type=_csv(str, METHODS), default=METHODS, help="comma-separated")
+    s.add_argument("--configured", type=_setting, default=Setting("i3deep", 4),
+                   help="the node's setting SELECTION:PLANES (default i3deep:4); slow refiners run only there")
+    s.add_argument("--configured-only", type=_csv(str, METHODS), default=("tta",),
+                   help="refiners evaluated at --configured only (default tta)")
+    s.add_argument("--min-dist", type=float, default=0.1, help="i3Deep minDist of the selection (default 0.1)")
+    s.add_argument("--missed", default="", help="stress test: remove this class from the ensemble's output")
+    s.add_argument("--out", default="var/evaluate", help="report folder")
+    s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("demo", help="the whole i3Deep loop on loopback with tiny models")
     s.add_argument("--size", type=_shape, default=None, help="study size, slices x rows x columns")
