@@ -10,16 +10,24 @@ concurrent processes (e.g. parallel pytest runs) build it once and reruns are in
 Importing this module is cheap (no torch); training runs in child processes
 (see ``models.training``).
 
+The demo recipe (measured with ``i3node evaluate``, see ``benchmarks/README.md``)
+-------------------------------------------------------------------------------
+* presegmentation: 3 folds of the tiny trainer (SGD momentum 0.9, lr 0.05) for 15 x 20
+  iterations on 12 phantoms (base seed 11), trained concurrently;
+* refinement: ``DemoSpec.n_refine`` fresh phantoms (base seed 13, never seen by the
+  ensemble) are presegmented by the ensemble exactly as the node does at inference; their
+  mean probabilities are the prior channels of a refinement network that also takes the
+  corrections and distance channels, trained with the node's own slice selection on that
+  prior and with damaged priors 30 % of the time (``ReviewSimulation.p_bad_prior``).
+
 Refinement extension point
 --------------------------
 ``build_demo_models(..., refinement_builder=f)`` calls ``f(request)`` with a
 :class:`RefinementRequest` and expects the refinement model's nnU-Net results folder back.
-Without an explicit builder, ``models.refinement_training.train_refinement_model`` is used
-when that module exists (called as ``train_refinement_model(request.cases, request.out_dir,
-progress=request.progress, seed=request.seed)``); the refinement cache key includes the
-source of that module (and its ``DEMO_VERSION`` attribute, if any), so a change there
-retrains only the refinement model, never the presegmentation. ``with_refinement=False``
-skips it.
+Without an explicit builder the recipe above is used; its cache key includes the source of
+the modules that define it (``refinement.py``, ``refinement_training.py``,
+``nnunet_trainers.py``), so a change there retrains only the refinement model.
+``with_refinement=False`` skips it.
 """
 from __future__ import annotations
 
@@ -38,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.training import NetworkOverrides, ProgressCallback, ProgressEvent
+from models.progress import ProgressCallback, ProgressEvent, emit
+from models.training import NetworkOverrides
 
 __all__ = [
     "DemoSpec",
@@ -47,6 +56,8 @@ __all__ = [
     "RefinementBuilder",
     "build_demo_models",
     "training_phantoms",
+    "refinement_phantoms",
+    "ensemble_priors",
     "held_out_phantoms",
     "HELD_OUT_SEED",
 ]
@@ -54,7 +65,9 @@ __all__ = [
 _log = logging.getLogger("models.demo")
 
 #: Bump to invalidate every cached presegmentation model (training recipe changed).
-_PRESEG_VERSION = "1"
+_PRESEG_VERSION = "2"
+#: Bump to invalidate every cached refinement model.
+_REFINE_VERSION = "2"
 #: ``make_phantoms`` base seed for held-out cases (disjoint from the training seed).
 HELD_OUT_SEED = 77
 _MARKER = "COMPLETE.json"
@@ -67,7 +80,7 @@ class DemoSpec:
     Attributes
     ----------
     n_train
-        Training phantoms (``make_phantoms(n_train, seed=seed)``).
+        Training phantoms of the ensemble (``make_phantoms(n_train, seed=seed)``).
     seed
         ``make_phantoms`` base seed of the training set (phantom ``i`` has seed ``seed*1000+i``).
     shape, spacing
@@ -78,6 +91,11 @@ class DemoSpec:
         Training schedule per fold.
     overrides
         Network and patch size.
+    n_refine, refine_seed
+        Refinement training phantoms (``make_phantoms(n_refine, seed=refine_seed)``),
+        presegmented by the ensemble for the prior channels.
+    refine_epochs, refine_iterations_per_epoch
+        Refinement training schedule.
     """
 
     n_train: int = 12
@@ -85,10 +103,14 @@ class DemoSpec:
     shape: tuple[int, int, int] = (32, 64, 64)
     spacing: tuple[float, float, float] = (2.5, 1.5, 1.5)
     folds: int = 3
-    epochs: int = 12
-    iterations_per_epoch: int = 12
-    val_iterations: int = 2
+    epochs: int = 15
+    iterations_per_epoch: int = 20
+    val_iterations: int = 1
     overrides: NetworkOverrides = field(default_factory=NetworkOverrides)
+    n_refine: int = 16
+    refine_seed: int = 13
+    refine_epochs: int = 12
+    refine_iterations_per_epoch: int = 20
 
     def key(self) -> str:
         """Hash of the specification and of the training data it produces (16 hex digits).
@@ -99,7 +121,9 @@ class DemoSpec:
         """
         first = training_phantoms(dataclasses.replace(self, n_train=1))[0]
         data = hashlib.sha256(first.image.tobytes() + first.labels.tobytes()).hexdigest()[:16]
-        payload = json.dumps({"version": _PRESEG_VERSION, "data": data, **dataclasses.asdict(self)}, sort_keys=True)
+        preseg_fields = {k: v for k, v in dataclasses.asdict(self).items()
+                         if k not in ("n_refine", "refine_seed", "refine_epochs", "refine_iterations_per_epoch")}
+        payload = json.dumps({"version": _PRESEG_VERSION, "data": data, **preseg_fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -228,26 +252,61 @@ def _cached_build(entry: Path, force: bool, progress: ProgressCallback | None, w
 
 
 def _emit(progress: ProgressCallback | None, event: ProgressEvent) -> None:
-    _log.info("%s: %s", event.stage, event.message)
-    if progress is not None:
-        progress(event)
+    emit(progress, event, _log)
 
 
-def _default_refinement_builder() -> tuple[RefinementBuilder | None, str]:
-    """``models.refinement_training.train_refinement_model`` if that module exists, and its version."""
-    if importlib.util.find_spec("models.refinement_training") is None:
-        return None, ""
-    mod = importlib.import_module("models.refinement_training")
-    train = getattr(mod, "train_refinement_model", None)
-    if train is None:
-        return None, ""
-    mod_file: str | None = getattr(mod, "__file__", None)
-    src = Path(mod_file).read_bytes() if mod_file else b""
-    version = f"{getattr(mod, 'DEMO_VERSION', '')}:{hashlib.sha256(src).hexdigest()[:16]}"
+def refinement_phantoms(spec: DemoSpec) -> list[Any]:
+    """The phantoms the demo refinement model is trained on (never seen by the ensemble)."""
+    from models.phantoms import make_phantoms
+
+    return make_phantoms(spec.n_refine, seed=spec.refine_seed, shape=spec.shape, spacing=spec.spacing)
+
+
+def ensemble_priors(preseg_dir: Path, cases: Sequence[Any], device: str | None = None,
+                    progress: ProgressCallback | None = None) -> list[Any]:
+    """The ensemble's mean probabilities on each case, as the node computes them at inference."""
+    from models.nnunet import EnsemblePredictor
+    from models.uncertainty import EnsembleAccumulator
+
+    t0 = time.perf_counter()
+    ensemble = EnsemblePredictor(preseg_dir, device=device)
+    priors = []
+    for i, case in enumerate(cases):
+        acc = EnsembleAccumulator()
+        for member in ensemble.iter_members(case.image, case.spacing):
+            acc.add(member)
+        priors.append(acc.mean())
+        _emit(progress, ProgressEvent("prior", f"presegmented refinement case {i + 1}/{len(cases)}",
+                                      (i + 1) / len(cases)))
+    _emit(progress, ProgressEvent("prior", f"ensemble priors of {len(cases)} cases in {time.perf_counter() - t0:.0f} s",
+                                  1.0))
+    return priors
+
+
+def _source_version(*modules: str) -> str:
+    h = hashlib.sha256(_REFINE_VERSION.encode())
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _default_refinement_builder(device: str | None) -> tuple[RefinementBuilder, str]:
+    """The demo recipe (module docstring) and its cache version."""
 
     def builder(req: RefinementRequest) -> Path:
-        return Path(train(req.cases, req.out_dir, progress=req.progress, seed=req.seed))
+        from models.refinement_training import ReviewSimulation, train_refinement_model
 
+        cases = refinement_phantoms(req.spec)
+        priors = ensemble_priors(req.preseg_dir, cases, device, req.progress)
+        return Path(train_refinement_model(
+            cases, req.out_dir, priors=priors, distance=True, ignore_reviewed=True,
+            simulation=ReviewSimulation(p_bad_prior=0.3), epochs=req.spec.refine_epochs,
+            iterations_per_epoch=req.spec.refine_iterations_per_epoch, device=device, seed=req.seed,
+            progress=req.progress, plans_from=req.preseg_dir))
+
+    version = _source_version("models.refinement", "models.refinement_training", "models.nnunet_trainers")
     return builder, version
 
 
@@ -309,9 +368,12 @@ def build_demo_models(
     spec_hash = preseg_key
     if with_refinement:
         builder, version = (refinement_builder, refinement_version) if refinement_builder is not None \
-            else _default_refinement_builder()
+            else _default_refinement_builder(device)
         if builder is not None:
-            refine_key = hashlib.sha256(f"{preseg_key}|{version}".encode()).hexdigest()[:16]
+            refine_fields = {k: getattr(spec, k) for k in ("n_refine", "refine_seed", "refine_epochs",
+                                                            "refine_iterations_per_epoch")}
+            refine_key = hashlib.sha256(f"{preseg_key}|{version}|{sorted(refine_fields.items())}".encode()
+                                        ).hexdigest()[:16]
             spec_hash = f"{preseg_key}-{refine_key}"
             found_builder = builder
 

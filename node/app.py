@@ -234,30 +234,44 @@ class App:
             self.stop()
 
 
+def model_tag(folder: Path) -> str:
+    """A short version for SEG provenance: the dataset folder's name and a hash of the model files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("dataset.json", "plans.json"):
+        f = folder / name
+        if f.is_file():
+            h.update(f.read_bytes())
+    for ckpt in sorted(folder.glob("fold_*/checkpoint_final.pth")):
+        h.update(f"{ckpt.parent.name}:{ckpt.stat().st_size}".encode())
+    return f"{folder.parent.name[:40]}-{h.hexdigest()[:10]}"
+
+
 class LazyModels:
     """Loads the nnU-Net models on first use (startup stays fast; a missing model fails the job, not the node).
 
-    Empty ``models.preseg_dir`` / ``models.refine_dir`` fall back to the tiny demo
-    models, built into ``models.cache_dir`` on first use.
+    Empty ``models.preseg_dir`` and ``models.refine_dir`` use the tiny demo models, built into
+    ``models.cache_dir`` on first use. A configured ``preseg_dir`` with an empty
+    ``refine_dir`` means no refinement model: ``refinement.method`` then falls back (see
+    :func:`models.refiners.resolve_method`).
     """
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._lock = threading.Lock()
-        self._segmenter: Segmenter | None = None
+        self._lock = threading.RLock()
+        self._segmenter: Any = None
         self._refiner: Refiner | None = None
 
-    def _dirs(self) -> tuple[Path, Path]:
+    def _dirs(self) -> tuple[Path, Path | None]:
         m = self._settings.models
-        if m.preseg_dir and m.refine_dir:
-            return Path(m.preseg_dir), Path(m.refine_dir)
+        if m.preseg_dir:
+            return Path(m.preseg_dir), (Path(m.refine_dir) if m.refine_dir else None)
         from models.demo import build_demo_models
 
         log.info("no model folders configured: using the demo models in %s", self._settings.model_cache_dir)
         demo = build_demo_models(self._settings.model_cache_dir)
-        if demo.refine_dir is None:
-            raise RuntimeError("the demo models have no refinement model")
-        return Path(m.preseg_dir or demo.preseg_dir), Path(m.refine_dir or demo.refine_dir)
+        return Path(demo.preseg_dir), (Path(m.refine_dir) if m.refine_dir else demo.refine_dir)
 
     def _device(self) -> str | None:
         d = self._settings.models.device
@@ -271,27 +285,52 @@ class LazyModels:
 
                 preseg, _ = self._dirs()
                 self._segmenter = EnsemblePredictor(preseg, device=self._device(), tta=self._settings.models.tta)
-            return self._segmenter
+            return self._segmenter  # type: ignore[no-any-return]
 
     def refiner(self) -> Refiner:
-        """The refinement model."""
+        """The refiner ``refinement.method`` asks for, or its fallback (logged)."""
         with self._lock:
             if self._refiner is None:
-                from models.refinement import RefinementModel
-
-                _, refine = self._dirs()
-                model = RefinementModel(refine, device=self._device())
-                model.load()
-                self._refiner = model
+                self._refiner = self._build_refiner()
             return self._refiner
 
+    def _build_refiner(self) -> Refiner:
+        from models.refinement import RefinementModel, RefinementModelError
+        from models.refiners import make_refiner, resolve_method
+
+        r = self._settings.refinement
+        preseg, refine = self._dirs()
+        method, why = resolve_method(r.method, have_model=refine is not None, have_ensemble=True)
+        model = None
+        if method in ("model", "model+rw") and refine is not None:
+            try:
+                model = RefinementModel(refine, device=self._device())
+                model.load()
+            except RefinementModelError as exc:
+                method, why = resolve_method("tta", have_model=False, have_ensemble=True)[0], f"refinement model unusable: {exc}"
+                log.error("refinement model %s cannot be used (%s); falling back to %s", refine, exc, method)
+        if why:
+            log.warning("refinement.method %s: %s; the node refines with %s", r.method, why, method)
+        adapt = None
+        if method == "tta":
+            ensemble = self.segmenter()
+
+            def adapt(image: Any, spacing: Any, expert: Any, reviewed: Any) -> Any:
+                return ensemble.adapted_probabilities(image, spacing, expert, reviewed, steps=r.tta_steps,  # type: ignore[attr-defined]
+                                                      lr=r.tta_lr)
+
+        refiner = make_refiner(method, model=model, model_version=model_tag(refine) if refine is not None else "",
+                               adapt=adapt, adapt_version=f"{model_tag(preseg)};steps={r.tta_steps}", gamma=r.gamma)
+        log.info("refinement: %s (%s)", refiner.name, refiner.version)
+        return refiner
+
     def warm_up(self) -> None:
-        """Load both models ahead of the first job (only when model folders are configured)."""
+        """Load the models ahead of the first job (only when model folders are configured)."""
         m = self._settings.models
-        if m.preseg_dir and m.refine_dir:
+        if m.preseg_dir:
             self.segmenter()
             self.refiner()
-            log.info("models loaded: %s, %s", m.preseg_dir, m.refine_dir)
+            log.info("models loaded: %s, %s", m.preseg_dir, m.refine_dir or "(no refinement model)")
 
 
 def load_segments(settings: Settings) -> tuple[SegmentSpec, ...]:

@@ -51,6 +51,11 @@ class DemoReport:
     picks: list[dict[str, Any]] = field(default_factory=list)
     dice_preseg: dict[str, float] = field(default_factory=dict)
     dice_refined: dict[str, float] = field(default_factory=dict)
+    #: Dice of other refiners given the very same corrected slices (for comparison).
+    dice_alternatives: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Off-plane Dice (voxels on no corrected slice) of the delivered v2 and the alternatives.
+    dice_off_plane: dict[str, dict[str, float]] = field(default_factory=dict)
+    refined_by: str = ""
     annotation_ratio: float = float("nan")
     axial_fg_slices: int = 0
     png: Path | None = None
@@ -78,9 +83,19 @@ class DemoReport:
                 lines.append(f"  {name:<9} {', '.join(map(str, idx))}")
         if self.dice_preseg:
             lines.append("")
-            lines.append("Dice vs ground truth     presegmentation   refined v2")
+            if self.refined_by:
+                lines.append(f"refined v2 made by: {self.refined_by}")
+            alts = list(self.dice_alternatives)
+            lines.append("Dice vs ground truth     presegmentation   refined v2" + "".join(f" {a:>14}" for a in alts))
             for cls in self.dice_preseg:
-                lines.append(f"  {cls:<22} {self.dice_preseg[cls]:15.3f} {self.dice_refined.get(cls, float('nan')):12.3f}")
+                lines.append(f"  {cls:<22} {self.dice_preseg[cls]:15.3f} {self.dice_refined.get(cls, float('nan')):12.3f}"
+                             + "".join(f" {self.dice_alternatives[a].get(cls, float('nan')):14.3f}" for a in alts))
+            if self.dice_off_plane:
+                lines.append("  off the corrected slices (what the refiner propagated):")
+                for cls in self.dice_preseg:
+                    row = self.dice_off_plane.get(cls, {})
+                    lines.append(f"  {cls:<22} {'':>15} {row.get('refined v2', float('nan')):12.3f}"
+                                 + "".join(f" {row.get(a, float('nan')):14.3f}" for a in alts))
             lines.append(
                 f"Annotation Ratio: {len(self.picks)} slices asked / {self.axial_fg_slices} axial slices with "
                 f"foreground = {self.annotation_ratio:.2f}"
@@ -356,6 +371,13 @@ def _loop(app: Any, inbox: ViewerInbox, settings: Settings, paths: list[Path], s
         report.problems.append(f"unexpected refined series description {refined_seg.SeriesDescription!r}")
     report.dice_preseg = _dice_by_class(ai_labels, gt, class_names)
     report.dice_refined = _dice_by_class(refined, gt, class_names)
+    job_data = store.job_data(int(job["id"]))
+    made_by = job_data.get("refiners", {}).get("2", {})
+    report.refined_by = f"{made_by.get('method', '?')} ({made_by.get('version', '?')})" if made_by else ""
+    try:
+        _compare_refiners(report, settings, int(job["id"]), paths, gt, corrected, named, refined, class_names)
+    except Exception as exc:  # the comparison is a convenience; the loop result stands
+        report.problems.append(f"could not compare refiners: {exc}")
     report.axial_fg_slices = int(np.count_nonzero(gt.reshape(gt.shape[0], -1).any(axis=1)))
     report.annotation_ratio = len(report.picks) / max(1, report.axial_fg_slices)
     mean_pre = float(np.mean(list(report.dice_preseg.values())))
@@ -367,11 +389,38 @@ def _loop(app: Any, inbox: ViewerInbox, settings: Settings, paths: list[Path], s
     try:
         arrays = np.load(settings.outputs_dir / f"job-{job['id']}" / "preseg.npz")
         volume = load_series(paths).array
+        dice = {"presegmentation": report.dice_preseg, "refined v2": report.dice_refined, **report.dice_alternatives}
         report.png = write_demo_png(
-            report.workdir / "i3node-demo.png", volume, arrays["uncertainty"], report.picks, gt, ai_labels, refined
+            report.workdir / "i3node-demo.png", volume, arrays["uncertainty"], report.picks, gt, ai_labels, refined,
+            dice=dice,
         )
     except Exception as exc:  # the picture is a convenience; the loop result stands
         report.problems.append(f"could not draw the PNG: {exc}")
+
+
+def _compare_refiners(report: DemoReport, settings: Settings, job_id: int, paths: list[Path], gt: np.ndarray,
+                      corrected: np.ndarray, named: dict[int, list[int]], refined: np.ndarray,
+                      class_names: list[str]) -> None:
+    """Dice of the classical refiners given the very same corrected slices as the node."""
+    from dicom.series import load_series
+    from models.evaluation import off_plane_dice
+    from models.refinement import reviewed_mask
+    from models.refiners import ClassicalRefiner, PasteRefiner, RefinementInputs
+    from node.pipeline import dequantize_probabilities
+
+    volume = load_series(paths)
+    with np.load(settings.outputs_dir / f"job-{job_id}" / "preseg.npz") as z:
+        prior = dequantize_probabilities(z["probabilities"])
+    mask = reviewed_mask(gt.shape, named)
+    inputs = RefinementInputs(volume.array.astype(np.float32), tuple(volume.spacing), corrected.astype(np.uint8),  # type: ignore[arg-type]
+                              mask, prior, len(class_names))
+    outputs = {"refined v2": refined, "paste": PasteRefiner().refine(inputs),
+               "random walker": ClassicalRefiner("random_walker").refine(inputs)}
+    for name, out in outputs.items():
+        if name != "refined v2":
+            report.dice_alternatives[name] = _dice_by_class(out, gt, class_names)
+        for c in range(1, len(class_names)):
+            report.dice_off_plane.setdefault(class_names[c], {})[name] = off_plane_dice(out, gt, mask, c)
 
 
 def write_demo_png(
@@ -382,8 +431,13 @@ def write_demo_png(
     gt: np.ndarray,
     preseg: np.ndarray,
     refined: np.ndarray,
+    dice: dict[str, dict[str, float]] | None = None,
 ) -> Path:
-    """Uncertainty profile per axis with the chosen slices marked, and before/after overlays."""
+    """Uncertainty profile per axis with the chosen slices marked, Dice per class, before/after overlays.
+
+    ``dice`` maps an output (presegmentation, refined v2, alternatives given the same corrected
+    slices) to Dice per class; it is drawn as grouped bars beside the profiles.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -406,8 +460,22 @@ def write_demo_png(
         ax.set_xlabel("slice index")
         ax.set_ylabel("sum of voxel entropy")
     ax = fig.add_subplot(grid[0, 3])
-    ax.axis("off")
-    ax.text(0, 0.5, "red lines: slices the node asks\nthe radiologist to correct\n(number = rank)", fontsize=11)
+    if dice:
+        outputs = list(dice)
+        classes = list(next(iter(dice.values())))
+        width = 0.8 / len(outputs)
+        for i, name in enumerate(outputs):
+            vals = [dice[name].get(c, float("nan")) for c in classes]
+            bars = ax.bar(np.arange(len(classes)) + i * width, vals, width, label=name)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes)
+        ax.set_ylim(min(0.5, min(v for d in dice.values() for v in d.values()) - 0.05), 1.02)
+        ax.set_ylabel("Dice vs ground truth")
+        ax.set_title("after one round of corrections\n(same corrected slices for every method)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    else:
+        ax.axis("off")
+        ax.text(0, 0.5, "red lines: slices the node asks\nthe radiologist to correct\n(number = rank)", fontsize=11)
 
     axial = [p["index"] for p in picks if p["axis"] == 0]
     reviewed = set(axial)
@@ -426,7 +494,8 @@ def write_demo_png(
             ax.contour(lab[idx] == 2, levels=[0.5], colors="yellow", linewidths=1)
             ax.set_title(f"{title}\n{label} {idx}", fontsize=10)
             ax.axis("off")
-    fig.suptitle("i3node demo: green = ground truth, red = organ, yellow = lesion")
+    fig.suptitle("i3node demo: red lines = slices the node asks the radiologist to correct (number = rank); "
+                 "overlays: green = ground truth, red = organ, yellow = lesion")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -32,8 +32,9 @@ from dicom.series import SeriesError, Volume, load_series, sort_datasets
 from dicom.seg_reader import SegReadError, read_segmentation
 from dicom.seg_writer import SegKind, build_segmentation
 from dicom.spool import durable_write
+from models.acquisition import planes_per_axis, select_slices, select_slices_uss, slice_scores
 from models.refinement import reviewed_mask
-from models.acquisition import select_slices, select_slices_uss, slice_scores
+from models.refiners import RefinementInputs
 from models.uncertainty import EnsembleAccumulator
 from node.exporter import OutputFile
 from node.settings import Settings
@@ -50,6 +51,9 @@ __all__ = [
     "picks_from_selection",
     "reviewed_from_picks",
     "changed_axial_slices",
+    "dequantize_probabilities",
+    "quantize_probabilities",
+    "select_review",
     "merge_corrections",
     "run_segmentation",
     "ingest_correction",
@@ -72,11 +76,12 @@ class Segmenter(Protocol):
 
 
 class Refiner(Protocol):
-    """A refinement model: image + expert-corrected slices -> labels."""
+    """A refiner (``models.refiners``): the corrections plus the presegmentation -> labels."""
 
-    def predict(
-        self, image: np.ndarray, spacing: Sequence[float], expert_labels: np.ndarray, reviewed: np.ndarray
-    ) -> np.ndarray:
+    name: str
+    version: str
+
+    def refine(self, inputs: RefinementInputs) -> np.ndarray:
         """Return ``uint8 (z, y, x)`` labels with reviewed voxels equal to the expert's."""
         ...
 
@@ -154,6 +159,38 @@ def picks_from_selection(
     for rank, p in enumerate(picks, start=1):
         p["rank"] = rank
     return picks
+
+
+def select_review(uncertainty: np.ndarray, labels: np.ndarray, acquisition: Any) -> dict[int, list[int]]:
+    """The slices to ask for: the configured strategy within the annotation budget.
+
+    The budget (:func:`models.acquisition.planes_per_axis`) is ``max_slices`` per orientation,
+    or with ``annotation_ratio`` > 0 that share of the presegmentation's axial foreground extent.
+    """
+    axes = tuple(AXIS_INDEX[a] for a in acquisition.axes)
+    n_fg = int(np.count_nonzero(np.asarray(labels).reshape(labels.shape[0], -1).any(axis=1)))
+    budget = planes_per_axis(axes, acquisition.max_slices, annotation_ratio=acquisition.annotation_ratio,
+                             foreground_axial_slices=n_fg)
+    selection: dict[int, list[int]] = {}
+    for axis in axes:
+        if acquisition.strategy == "uss":
+            chosen = select_slices_uss(uncertainty, max_slices=budget[axis], axes=(axis,))
+        else:
+            chosen = select_slices(uncertainty, min_dist=acquisition.min_dist, min_uncert=acquisition.min_uncert,
+                                   max_slices=budget[axis], axes=(axis,))
+        selection[axis] = chosen[axis]
+    return selection
+
+
+def quantize_probabilities(probs: np.ndarray) -> np.ndarray:
+    """Probabilities as uint8 (``round(255 p)``): what a job keeps of the ensemble's mean."""
+    return np.round(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def dequantize_probabilities(q: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`quantize_probabilities`, renormalised to sum 1 over classes."""
+    p = q.astype(np.float32) / np.float32(255.0)
+    return p / np.maximum(p.sum(axis=0, keepdims=True), np.float32(1e-6))
 
 
 def reviewed_from_picks(picks: Sequence[Mapping[str, Any]]) -> dict[int, list[int]]:
@@ -242,6 +279,19 @@ def _load_volume(ctx: PipelineContext, series_uid: str) -> tuple[Volume, list[Da
     return volume, headers
 
 
+def _prior(ctx: PipelineContext, work: Path, volume: Volume) -> np.ndarray:
+    """The presegmentation ensemble's mean probabilities of a job (recomputed for older jobs)."""
+    arrays = _read_arrays(work / "preseg.npz")
+    if "probabilities" in arrays:
+        return dequantize_probabilities(arrays["probabilities"])
+    acc = EnsembleAccumulator()
+    for member in ctx.segmenter().iter_members(volume.array, volume.spacing):
+        acc.add(member)
+    mean = acc.mean()
+    _write_arrays(work / "preseg.npz", **arrays, probabilities=quantize_probabilities(mean))
+    return dequantize_probabilities(quantize_probabilities(mean))
+
+
 def _timed(ctx: PipelineContext, stage: str, t0: float) -> float:
     secs = time.monotonic() - t0
     ctx.stage_timer(stage, secs)
@@ -289,23 +339,16 @@ def run_segmentation(ctx: PipelineContext, job_id: int) -> None:
         labels = acc.segmentation()
         uncertainty = acc.entropy(s.acquisition.uncertainty)
         timings["presegmentation"] = _timed(ctx, "presegmentation", t0)
-        _write_arrays(arrays_path, labels=labels, uncertainty=uncertainty.astype(np.float32))
+        _write_arrays(arrays_path, labels=labels, uncertainty=uncertainty.astype(np.float32),
+                      probabilities=quantize_probabilities(acc.mean()))
 
     store.set_job_state(job_id, JobState.SELECTING, data=data)
     t0 = time.monotonic()
-    axes = tuple(AXIS_INDEX[a] for a in s.acquisition.axes)
-    if s.acquisition.strategy == "uss":
-        selection = select_slices_uss(uncertainty, max_slices=s.acquisition.max_slices, axes=axes)
-    else:
-        selection = select_slices(
-            uncertainty,
-            min_dist=s.acquisition.min_dist,
-            min_uncert=s.acquisition.min_uncert,
-            max_slices=s.acquisition.max_slices,
-            axes=axes,
-        )
+    selection = select_review(uncertainty, labels, s.acquisition)
     picks = picks_from_selection(selection, uncertainty, volume)
     data["picks"] = picks
+    n_fg = int(np.count_nonzero(labels.reshape(labels.shape[0], -1).any(axis=1)))
+    data["annotation_ratio"] = round(len(picks) / n_fg, 4) if n_fg else None
     timings["selection"] = _timed(ctx, "selection", t0)
 
     store.set_job_state(job_id, JobState.EXPORTING, data=data)
@@ -332,23 +375,28 @@ def _write_seg(
     outdir: Path,
     *,
     version: int,
+    refiner: Refiner | None = None,
 ) -> tuple[Path, Dataset]:
     """Build and durably write a version's SEG, or reuse it if a previous run wrote it.
 
     Version 1 is the AI presegmentation (AUTOMATIC), later versions are refinements
-    (SEMIAUTOMATIC).  Reusing the file is what keeps a re-run after a crash from sending
-    a second, different SEG under the same UIDs.
+    (SEMIAUTOMATIC) whose algorithm name and version say which refiner made them.  Reusing
+    the file is what keeps a re-run after a crash from sending a second, different SEG under
+    the same UIDs.
     """
     s = ctx.settings
     path = outdir / f"{uids['seg_sop']}.dcm"
     if path.exists():
         return path, pydicom.dcmread(path)
+    name, model_version = s.models.model_id, ctx.model_version
+    if refiner is not None:
+        name, model_version = f"{s.models.model_id} refined by {refiner.name}", refiner.version
     seg = build_segmentation(
         headers,
         labels,
         ctx.segments,
-        model_id=s.models.model_id,
-        model_version=ctx.model_version,
+        model_id=name[:64],
+        model_version=model_version[:64] or "1",
         series_uid=uids["seg_series"],
         sop_uid=uids["seg_sop"],
         series_number=s.outputs.series_number_base + (1 if version == 1 else 10 + version),
@@ -520,15 +568,22 @@ def run_refinement(ctx: PipelineContext, job_id: int, correction_sop_uid: str) -
     timings[f"read_correction_v{version}"] = _timed(ctx, "read_correction", t0)
 
     t0 = time.monotonic()
-    refined = ctx.refiner().predict(volume.array, volume.spacing, expert, mask)
+    refiner = ctx.refiner()
+    prior = _prior(ctx, work, volume)
+    inputs = RefinementInputs(volume.array.astype(np.float32, copy=False), tuple(volume.spacing),  # type: ignore[arg-type]
+                              expert, mask, prior, int(prior.shape[0]))
+    refined = refiner.refine(inputs)
     refined = np.where(mask, expert, refined).astype(np.uint8)
     timings[f"refinement_v{version}"] = _timed(ctx, "refinement", t0)
     _write_arrays(work / f"labels_v{version}.npz", labels=refined)
+    refiners = dict(data.get("refiners", {}))
+    refiners[str(version)] = {"method": refiner.name, "version": refiner.version}
+    data["refiners"] = refiners
 
     store.set_job_state(job_id, JobState.EXPORTING, data=data, reason=f"exporting v{version}")
     t0 = time.monotonic()
     uids = output_uids(ctx.uids, job_id, job["series_uid"], version)
-    out, _seg = _write_seg(ctx, headers, refined, uids, work / f"v{version}", version=version)
+    out, _seg = _write_seg(ctx, headers, refined, uids, work / f"v{version}", version=version, refiner=refiner)
     ctx.register_outputs(job_id, version, [OutputFile(uids["seg_sop"], "seg", uids["seg_series"], out)])
     timings[f"export_v{version}"] = _timed(ctx, "export", t0)
     applied.append(correction_sop_uid)

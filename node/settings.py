@@ -28,6 +28,7 @@ __all__ = [
     "SelectionRule",
     "ModelSettings",
     "AcquisitionSettings",
+    "RefinementSettings",
     "OutputSettings",
     "Destination",
     "DeliverySettings",
@@ -138,7 +139,7 @@ class ModelSettings:
     """The nnU-Net models."""
 
     preseg_dir: str = _f("", "nnU-Net v2 results folder of the presegmentation ensemble (Trainer__Plans__config with fold_*); empty = the demo models.")
-    refine_dir: str = _f("", "nnU-Net v2 results folder of the refinement model; empty = the demo models.")
+    refine_dir: str = _f("", "nnU-Net v2 results folder of the refinement model; empty = the demo model when preseg_dir is empty too, else none (see refinement.method for the fallback).")
     cache_dir: str = _f(".cache/demo-models", "Where demo models are built and cached.")
     device: str = _f("auto", "Inference device: auto, cpu, cuda or cuda:N.", pattern=re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$"), pattern_doc="auto, cpu, cuda or cuda:N")
     tta: bool = _f(False, "Add mirroring test-time-augmentation members to the ensemble.")
@@ -153,9 +154,20 @@ class AcquisitionSettings:
     uncertainty: str = _f("entropy", "Voxel uncertainty measure.", choices=("entropy", "binary_fg"))
     min_dist: float = _f(0.0234, "Minimum distance between chosen slices, as a fraction of the slices along that axis.", minimum=0, maximum=1)
     min_uncert: float = _f(0.1, "Drop slices whose uncertainty is below this fraction of the most uncertain slice.", minimum=0, maximum=1)
-    max_slices: int = _f(12, "Maximum slices per orientation.", minimum=0, maximum=1000)
+    max_slices: int = _f(12, "Maximum slices per orientation (the paper's 12 is meant for clinical CT of hundreds of slices).", minimum=0, maximum=1000)
+    annotation_ratio: float = _f(0.0, "Annotation budget that scales with the study: when > 0, ask for about this many slices per axial slice of the presegmentation's foreground extent, spread over the orientations (each at most max_slices, at least 1); 0 = max_slices per orientation.", minimum=0, maximum=3)
     axes: tuple[str, ...] = _f(("axial", "coronal", "sagittal"), "Orientations to pick slices in.")
     corrected_slices: str = _f("requested", "Which slices count as reviewed when a corrected SEG returns.", choices=("requested", "requested+changed"))
+
+
+@dataclass(frozen=True)
+class RefinementSettings:
+    """How a corrected SEG becomes the refined SEG (the corrected slices always stay as drawn)."""
+
+    method: str = _f("auto", "auto = the method i3node evaluate measured best (model+rw); model = the refinement nnU-Net; model+rw = random walker seeded with the corrected slices and pulled towards the refinement network; tta = test-time adaptation of the presegmentation ensemble; prior+rw, random_walker, watershed, graph_cut, paste = classical. Without a refinement model, model and model+rw fall back to tta; without an ensemble to prior+rw.", choices=("auto", "model+rw", "model", "tta", "prior+rw", "random_walker", "watershed", "graph_cut", "paste"))
+    gamma: float = _f(0.03, "Weight of the network's (or the ensemble's) probabilities in model+rw and prior+rw (0 = plain random walker).", minimum=0, maximum=100)
+    tta_steps: int = _f(20, "Optimisation steps per fold of test-time adaptation.", minimum=0, maximum=10000)
+    tta_lr: float = _f(0.001, "Learning rate of test-time adaptation (Adam).", minimum=0, maximum=1)
 
 
 @dataclass(frozen=True)
@@ -234,6 +246,7 @@ class Settings:
     selection: tuple[SelectionRule, ...] = field(default=(SelectionRule(),), metadata=_meta("Series selection rules ([[selection]] tables); a series matching any rule gets a job."))
     models: ModelSettings = field(default_factory=ModelSettings)
     acquisition: AcquisitionSettings = field(default_factory=AcquisitionSettings)
+    refinement: RefinementSettings = field(default_factory=RefinementSettings)
     outputs: OutputSettings = field(default_factory=OutputSettings)
     destinations: tuple[Destination, ...] = field(default=(), metadata=_meta("Where outputs are sent ([[destinations]] tables)."))
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
