@@ -106,3 +106,47 @@ def test_train_reads_nifti_folders_and_names_what_is_wrong(tmp_path: Path) -> No
         load_nifti_cases(images, labels)
     res = i3node("train", "preseg", "--images", str(tmp_path / "nope"), "--labels", str(labels), "--out", str(tmp_path))
     assert res.returncode == 2 and "not a folder" in res.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_writes_its_report_on_phantoms_and_on_a_nifti_dataset(demo_models, tmp_path: Path) -> None:
+    from models.phantoms import make_phantoms
+    from models.training import write_raw_dataset
+
+    models = ("--preseg-dir", str(demo_models.preseg_dir), "--refine-dir", str(demo_models.refine_dir))
+    out = tmp_path / "eval"
+    res = i3node("evaluate", "--cases", "2", "--selections", "i3deep,equidistant", "--planes", "1,4",
+                 "--refiners", "model+rw,paste,random_walker", "--configured-only", "random_walker",
+                 "--out", str(out), *models)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads((out / "evaluation.json").read_text())
+    # 2 cases x (preseg + 2 selections x 2 planes x 2 refiners + random_walker at i3deep:4 only) x 2 classes
+    assert len(doc["rows"]) == 2 * (1 + 2 * 2 * 2 + 1) * 2
+    assert doc["meta"]["node_method"] == "model+rw" and doc["class_names"] == ["background", "organ", "lesion"]
+    for name in ("evaluation.md", "dice_vs_planes.png", "before_after.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert "| i3deep | 4 | **model+rw** |" in res.stdout
+    assert "[evaluate" in res.stderr  # progress
+
+    raw = tmp_path / "raw"
+    cases = make_phantoms(2, seed=78, shape=(32, 64, 64))
+    ds = write_raw_dataset(raw, 5, "Eval", [c.image for c in cases], [c.labels for c in cases],
+                           [c.spacing for c in cases], {0: "CT"}, {"background": 0, "organ": 1, "lesion": 2})
+    res = i3node("evaluate", "--data", str(ds), "--selections", "i3deep", "--planes", "2",
+                 "--refiners", "paste", "--configured", "i3deep:2", "--configured-only", "paste",
+                 "--missed", "lesion", "--cases", "5", "--out", str(tmp_path / "eval2"), *models)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads((tmp_path / "eval2" / "evaluation.json").read_text())
+    assert {r["case"] for r in doc["rows"]} == {"case_0000", "case_0001"}
+    assert "removed (stress test)" in doc["meta"]["source"]
+    # the ensemble's lesion was removed: pasting the planes leaves nothing off them
+    assert all(r["dice_off_plane"] == 0.0 for r in doc["rows"] if r["refiner"] == "paste" and r["class"] == "lesion")
+
+
+def test_evaluate_refuses_bad_arguments() -> None:
+    for args, word in ((("--selections", "magic"), "choose from"), (("--configured", "i3deep"), "SELECTION:PLANES"),
+                       (("--seed", "11"), "demo training seed"), (("--data", "/nonexistent"), "not a folder"),
+                       (("--cases", "2"), "--preseg-dir: model folder /nonexistent does not exist")):
+        res = i3node("evaluate", "--preseg-dir", "/nonexistent", *args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert word in res.stderr, (args, res.stderr)

@@ -1,11 +1,10 @@
 """The nnU-Net deep-ensemble wrapper on the tiny demo presegmentation model (real nnU-Net).
 
-Measured with the default ``DemoSpec`` (12 training phantoms 32x64x64, 3 folds, 12 epochs x
-12 iterations, 2 CPU cores) on the 4 held-out phantoms (``make_phantoms(4, seed=77)``):
-ensemble organ Dice 0.886 / 0.921 / 0.943 / 0.940, per fold 0.86-0.95; lesion Dice 0.0 (the tiny
-model never reaches lesion probability 0.05: the presegmentation is imperfect by a wide margin);
-fold argmaxes disagree on 1.3-1.9 % of the voxels (0.7-1.5 % per pair); mean normalised entropy
-0.61 where they disagree vs 0.016-0.019 where they agree.
+Measured with the default ``DemoSpec`` (12 training phantoms 32x64x64, 3 folds, 15 epochs x
+20 iterations, SGD momentum 0.9, 2 CPU cores) on 8 held-out phantoms (``make_phantoms(8, seed=77)``):
+ensemble organ Dice 0.953 +/- 0.026, lesion Dice 0.909 +/- 0.038 (with nnU-Net's momentum 0.99
+the same budget gave lesion 0.0). The folds disagree at the lesion's border (see
+:func:`test_folds_disagree_at_lesion_borders`).
 """
 from __future__ import annotations
 
@@ -29,10 +28,10 @@ from models.uncertainty import EnsembleAccumulator, predictive_entropy
 
 pytestmark = pytest.mark.slow
 
-#: Held-out organ Dice of the ensemble must stay above this (measured mean 0.92).
-ORGAN_DICE_FLOOR = 0.75
-#: The presegmentation must stay imperfect on lesions (room for the refinement model).
-LESION_DICE_CEILING = 0.95
+#: Held-out organ Dice of the ensemble must stay above this (measured mean 0.95).
+ORGAN_DICE_FLOOR = 0.85
+#: The presegmentation finds the lesions (issue: held-out lesion Dice >= 0.5; measured mean 0.91).
+LESION_DICE_FLOOR = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +115,33 @@ def test_held_out_dice(predictor: EnsemblePredictor, held_out_phantoms: list[Any
         lesion.append(d[2])
     print(f"held-out Dice organ {np.round(organ, 3)} lesion {np.round(lesion, 3)}")
     assert float(np.mean(organ)) > ORGAN_DICE_FLOOR
-    assert float(np.mean(lesion)) < LESION_DICE_CEILING
+    assert float(np.mean(lesion)) >= LESION_DICE_FLOOR
+
+
+def test_folds_disagree_at_lesion_borders(predictor: EnsemblePredictor, held_out_phantoms: list[Any]) -> None:
+    """The uncertainty that drives the selection sits on the lesion's border, not inside the organ.
+
+    Measured on the 4 held-out phantoms: the folds' argmaxes disagree on 10-35 % of the lesion's
+    border voxels and on < 0.5 % of the organ's interior; mean entropy 0.23-0.42 vs < 0.01.
+    """
+    from scipy import ndimage
+
+    border_dis, organ_dis, border_h, organ_h = [], [], [], []
+    for ph in held_out_phantoms:
+        members = predictor.predict_members(ph.image, ph.spacing)
+        entropy = predictive_entropy(members)
+        votes = members.argmax(axis=1)
+        disagree = (votes != votes[0]).any(axis=0)
+        lesion = ph.labels == 2
+        border = ndimage.binary_dilation(lesion) & ~ndimage.binary_erosion(lesion)
+        organ = ndimage.binary_erosion((ph.labels == 1) & ~ndimage.binary_dilation(lesion, iterations=3),
+                                       iterations=2)
+        border_dis.append(float(disagree[border].mean()))
+        organ_dis.append(float(disagree[organ].mean()))
+        border_h.append(float(entropy[border].mean()))
+        organ_h.append(float(entropy[organ].mean()))
+    assert np.mean(border_dis) > 0.05 and np.mean(border_dis) > 10 * np.mean(organ_dis), (border_dis, organ_dis)
+    assert np.mean(border_h) > 0.15 and np.mean(border_h) > 10 * np.mean(organ_h), (border_h, organ_h)
 
 
 def test_tta_members(demo_models: DemoModels, case: Any, members: np.ndarray) -> None:

@@ -142,3 +142,21 @@ def test_uss_mean_score_and_boundaries() -> None:
     prof = [5, 1, 0, 0, 0, 0, 0, 1, 4]
     u = _volume(prof, axis=2, other=3)
     assert select_slices_uss(u, min_distance=5, axes=(2,)) == {2: [0, 8]}
+
+
+def test_planes_per_axis_budget() -> None:
+    from models.acquisition import planes_per_axis
+
+    # ratio 0: the paper's rule, max_slices per orientation
+    assert planes_per_axis((0, 1, 2), 12) == {0: 12, 1: 12, 2: 12}
+    # 0.5 x 24 foreground slices = 12 slices, spread evenly
+    assert planes_per_axis((0, 1, 2), 12, annotation_ratio=0.5, foreground_axial_slices=24) == {0: 4, 1: 4, 2: 4}
+    # remainder to the earlier axes; the cap holds
+    assert planes_per_axis((0, 1, 2), 12, annotation_ratio=0.5, foreground_axial_slices=28) == {0: 5, 1: 5, 2: 4}
+    assert planes_per_axis((0, 1, 2), 3, annotation_ratio=1.0, foreground_axial_slices=100) == {0: 3, 1: 3, 2: 3}
+    # at least one slice per orientation
+    assert planes_per_axis((0, 2), 12, annotation_ratio=0.01, foreground_axial_slices=10) == {0: 1, 2: 1}
+    with pytest.raises(ValueError, match="annotation_ratio"):
+        planes_per_axis((0,), 3, annotation_ratio=-1)
+    with pytest.raises(ValueError, match="foreground_axial_slices"):
+        planes_per_axis((0,), 3, annotation_ratio=0.2, foreground_axial_slices=-1)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from models.baselines import graph_cut_refine, random_walker_refine, reviewed_mask, watershed_refine
+from models.baselines import graph_cut_refine, random_walker_refine, watershed_refine
+from models.refinement import reviewed_mask
 from models.metrics import dice_per_class
 from models.phantoms import make_phantom
 
@@ -57,7 +58,7 @@ def test_trivial_and_errors(case) -> None:  # type: ignore[no-untyped-def]
     assert not random_walker_refine(image, labels, {}, 3).any()
     with pytest.raises(ValueError, match="reviewed"):
         watershed_refine(image, labels, {0: [999]}, 3)
-    with pytest.raises(ValueError, match="reviewed keys"):
+    with pytest.raises(ValueError, match="axis must be 0, 1 or 2"):
         watershed_refine(image, labels, {3: [0]}, 3)
     with pytest.raises(ValueError, match="expert_labels"):
         watershed_refine(image, labels[:-1], {0: [0]}, 3)

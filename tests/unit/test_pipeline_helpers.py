@@ -77,3 +77,33 @@ def test_merge_corrections_latest_round_wins_and_reviewed_accumulates() -> None:
     assert reviewed2.sum() == 8
     assert expert2[0, 0, 0] == 2 and expert2[0, 1, 1] == 1 and (expert2[2] == 2).all()
     assert expert[0, 0, 0] == 1, "inputs are not modified"
+
+
+def test_probabilities_keep_what_the_refiners_need() -> None:
+    from node.pipeline import dequantize_probabilities, quantize_probabilities
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet([1, 1, 1], size=(4, 5, 6)).transpose(3, 0, 1, 2).astype(np.float32)
+    q = quantize_probabilities(p)
+    assert q.dtype == np.uint8
+    back = dequantize_probabilities(q)
+    np.testing.assert_allclose(back.sum(axis=0), 1.0, rtol=1e-5)
+    assert np.abs(back - p).max() < 0.01
+    np.testing.assert_array_equal(np.argmax(back, 0)[np.abs(np.sort(p, 0)[-1] - np.sort(p, 0)[-2]) > 0.01],
+                                  np.argmax(p, 0)[np.abs(np.sort(p, 0)[-1] - np.sort(p, 0)[-2]) > 0.01])
+
+
+def test_select_review_within_the_budget() -> None:
+    from node.pipeline import select_review
+    from node.settings import AcquisitionSettings
+
+    u = np.zeros((20, 30, 30), np.float32)
+    u[4:16, 5:25, 5:25] = np.random.default_rng(1).random((12, 20, 20))
+    labels = (u > 0).astype(np.uint8)
+    fixed = select_review(u, labels, AcquisitionSettings(max_slices=3, min_dist=0.0))
+    assert {a: len(v) for a, v in fixed.items()} == {0: 3, 1: 3, 2: 3}
+    # 12 axial foreground slices x 0.5 = 6 slices, 2 per orientation
+    budget = select_review(u, labels, AcquisitionSettings(max_slices=12, min_dist=0.0, annotation_ratio=0.5))
+    assert {a: len(v) for a, v in budget.items()} == {0: 2, 1: 2, 2: 2}
+    uss = select_review(u, labels, AcquisitionSettings(strategy="uss", max_slices=2, axes=("axial",)))
+    assert set(uss) == {0} and 1 <= len(uss[0]) <= 2

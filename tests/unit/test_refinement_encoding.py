@@ -310,3 +310,105 @@ def test_sample_training_slices_ranges_and_variety() -> None:
         sample_training_slices(labels, rng, max_fraction=2.0)
     with pytest.raises(ValueError, match="axes"):
         sample_training_slices(labels, rng, axes=(3,))
+
+
+# ----------------------------------------------------------------------------- input layout (format 2)
+
+
+def test_input_layout_roles_and_dataset_json_roundtrip() -> None:
+    from models.refinement import InputLayout, layout_from_dataset_json
+
+    dj = refinement_dataset_json(BASE_JSON, Encoding.I3DEEP_REVIEWED, prior=True, distance=True)
+    layout = layout_from_dataset_json(dj)
+    assert layout == InputLayout(("background", "organ", "lesion"), 1, True, Encoding.I3DEEP_REVIEWED, True)
+    assert layout.channel_roles() == ["image", "prior:organ", "prior:lesion", "organ", "lesion", "reviewed",
+                                      "distance:organ", "distance:lesion"]
+    assert dj[I3NODE_KEY]["channels"] == layout.channel_roles() and dj[I3NODE_KEY]["format"] == 2
+    assert list(dj["channel_names"].values()) == ["CT"] + ["noNorm"] * 7
+    assert layout.describe() == "image+prior+i3deep+reviewed+distance"
+    # nnU-Net's ignore label (reviewed voxels in training targets) is not a class
+    dj["labels"]["ignore"] = 3
+    assert layout_from_dataset_json(dj).class_names == ("background", "organ", "lesion")
+    # a format-1 model (before prior and distance channels) still loads
+    old = refinement_dataset_json(BASE_JSON, Encoding.I3DEEP)
+    old[I3NODE_KEY] = {"format": 1, "encoding": "i3deep", "image_channels": 1}
+    assert layout_from_dataset_json(old) == InputLayout(("background", "organ", "lesion"), 1, False,
+                                                        Encoding.I3DEEP, False)
+    # a layout key that does not match the channels is refused, naming them
+    bad = dict(dj, **{I3NODE_KEY: {**dj[I3NODE_KEY], "distance": False}})
+    with pytest.raises(ValueError, match="distance False"):
+        layout_from_dataset_json(bad)
+
+
+def test_build_input_order_and_distance_channels() -> None:
+    from models.refinement import DISTANCE_SCALE_MM, InputLayout, build_input, distance_channels
+
+    image, labels = _tiny()
+    layout = InputLayout(("background", "organ", "lesion"), 1, True, Encoding.I3DEEP_REVIEWED, True)
+    prior = np.stack([labels == k for k in range(3)]).astype(np.float32)
+    reviewed = {0: [1]}
+    x = build_input(layout, image, labels, reviewed, prior=prior, spacing=(2.0, 1.0, 1.0))
+    assert x.shape == (8, *labels.shape) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[0], image)
+    np.testing.assert_array_equal(x[1:3], prior[1:])
+    enc = encode_corrections(image, labels, reviewed, 3, Encoding.I3DEEP_REVIEWED)
+    np.testing.assert_array_equal(x[3:6], enc[1:])
+    mask = reviewed_mask(labels.shape, reviewed)
+    dist = distance_channels(labels, mask, 3, (2.0, 1.0, 1.0))
+    np.testing.assert_array_equal(x[6:], dist)
+    # 1 on the expert's voxels of the class, exp(-d/scale) elsewhere, 0 without any
+    organ_on = mask & (labels == 1)
+    assert np.all(dist[0][organ_on] == 1.0)
+    assert np.all(dist[0][~organ_on] < 1.0) and dist[0].min() > 0
+    one_slice_away = dist[0][0][organ_on[1]]
+    np.testing.assert_allclose(one_slice_away, np.exp(-2.0 / DISTANCE_SCALE_MM), rtol=1e-5)
+    assert not distance_channels(labels, np.zeros(labels.shape, bool), 3).any()
+    with pytest.raises(ValueError, match="prior"):
+        build_input(layout, image, labels, reviewed)
+    with pytest.raises(ValueError, match="prior"):
+        build_input(layout, image, labels, reviewed, prior=prior[:2])
+    with pytest.raises(ValueError, match="channel"):
+        build_input(layout, np.stack([image, image]), labels, reviewed, prior=prior)
+
+
+def test_review_simulation_like_the_node() -> None:
+    from models.acquisition import select_slices
+    from models.refinement_training import (
+        ReviewSimulation,
+        boundary_uncertainty,
+        perturb_prior,
+        prior_uncertainty,
+        simulate_review,
+    )
+
+    labels = np.zeros((20, 24, 24), np.uint8)
+    labels[4:16, 5:19, 5:19] = 1
+    labels[8:12, 10:14, 10:14] = 2
+    u = boundary_uncertainty(labels, 3)
+    assert u.shape == labels.shape and 0 <= u.min() and u.max() <= 1
+    assert u[0, 0, 0] < 0.01 and u[10, 4, 12] > 0.3  # uncertain at the organ's border, not in the air
+    rng = np.random.default_rng(0)
+    node_like = ReviewSimulation(p_node=1.0, max_planes=2, p_axis=1.0, min_dist_range=(0.1, 0.1))
+    for _ in range(20):
+        r = simulate_review(labels, u, rng, node_like)
+        for axis, idx in r.items():
+            assert 1 <= len(idx) <= 2
+            assert set(idx) <= set(select_slices(u, min_dist=0.1, max_slices=2, axes=(axis,))[axis])
+    random_only = ReviewSimulation(p_node=0.0)
+    counts = [sum(len(v) for v in simulate_review(labels, u, rng, random_only).values()) for _ in range(50)]
+    assert min(counts) == 0 and max(counts) > 4
+    assert ReviewSimulation.from_json(ReviewSimulation(p_bad_prior=0.3).to_json()).p_bad_prior == 0.3
+    with pytest.raises(ValueError, match="max_planes"):
+        ReviewSimulation(max_planes=0)
+    # damaged priors stay probabilities; a missed class moves to the first
+    fg = np.stack([labels == 1, labels == 2]).astype(np.float32)
+    seen = set()
+    for seed in range(12):
+        bad = perturb_prior(fg, np.random.default_rng(seed))
+        assert bad.shape == fg.shape and bad.min() >= 0 and bad.sum(axis=0).max() <= 1 + 1e-5
+        if not bad[1].any():
+            seen.add("missed")
+            np.testing.assert_allclose(bad[0], fg[0] + fg[1])
+    assert "missed" in seen
+    h = prior_uncertainty(fg)
+    assert h.max() <= 1 and h[10, 12, 12] == 0
