@@ -321,6 +321,9 @@ class StoreAssembler:
         The peer's maximum PDU length (``0`` = unlimited).
     failure_status : int
         Status answered when `store` raises (default ``0x0110``, processing failure).
+    max_dataset_bytes : int
+        A data set growing past this many bytes raises :class:`FastStoreError` from
+        :meth:`feed` (the caller aborts the association; memory stays bounded). ``0``: no cap.
 
     Notes
     -----
@@ -335,12 +338,15 @@ class StoreAssembler:
         send: Callable[[bytes], None],
         max_pdu: int = 0,
         failure_status: int = 0x0110,
+        max_dataset_bytes: int = 0,
     ) -> None:
         self._contexts = dict(storage_contexts)
         self._store = store
         self._send = send
         self._max_pdu = max_pdu
         self._failure_status = failure_status
+        self._max_dataset = int(max_dataset_bytes)
+        self._collected = 0
         self._state = "idle"  # idle | command | fast-data | pass-data
         self._command_context = -1
         self._command = bytearray()
@@ -396,6 +402,12 @@ class StoreAssembler:
                 self._item(item, passed)
                 return
             self._fragments.append(data)
+            self._collected += len(data)
+            if self._max_dataset and self._collected > self._max_dataset:
+                uid = self._request.sop_instance_uid if self._request else "?"
+                self._reset()
+                raise FastStoreError(f"C-STORE of {uid}: data set larger than the maximum of "
+                                     f"{self._max_dataset} bytes")
             if is_last:
                 self._complete()
             return
@@ -458,6 +470,7 @@ class StoreAssembler:
 
     def _reset(self) -> None:
         self._state = "idle"
+        self._collected = 0
         self._command_context = -1
         self._command = bytearray()
         self._held = []
@@ -488,6 +501,7 @@ def install(
     assoc: Any,
     storage_sop_classes: Iterable[str],
     store: Callable[[StoreRequest, str, Sequence[memoryview]], tuple[int, str]],
+    max_dataset_bytes: int = 0,
 ) -> StoreAssembler | None:
     """Put an accepted pynetdicom association's C-STOREs on the fast path.
 
@@ -505,6 +519,8 @@ def install(
     store : callable
         ``store(request, transfer_syntax, fragments) -> (status, comment)``; runs in the
         association's DUL thread.
+    max_dataset_bytes : int
+        A C-STORE data set growing past this aborts the association (``0``: no cap).
 
     Returns
     -------
@@ -539,7 +555,8 @@ def install(
     def store_request(request: StoreRequest, fragments: Sequence[memoryview]) -> tuple[int, str]:
         return store(request, syntaxes[request.context_id], fragments)
 
-    assembler = StoreAssembler(syntaxes, store_request, sock.send, peer_max_pdu)
+    assembler = StoreAssembler(syntaxes, store_request, sock.send, peer_max_pdu,
+                               max_dataset_bytes=max_dataset_bytes)
 
     def read_pdu_data() -> None:
         if state_machine.current_state != "Sta6":

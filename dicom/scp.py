@@ -12,12 +12,26 @@ Failure statuses (all carry an ``ErrorComment``):
 ``0xA700``  Out of resources: free space of the spool is below the reserve.
 ``0xA701``  Out of resources: the instance could not be written.
 ``0xA702``  Out of resources: the instance could not be recorded by the sink.
+``0xA703``  Out of resources: the data set is larger than the configured maximum.
+``0xA900``  Data set does not match the SOP class of the request or the context.
+``0x0122``  SOP class not supported: a C-STORE on a non-storage context.
+``0x0111``  Duplicate SOP instance: already stored with other content, or the
+            SOP/Series Instance UID belongs to another study or series.
 ``0xC210``  Cannot understand: Study/Series/SOP Instance UID missing or invalid.
-``0xC211``  Cannot understand: the data set could not be decoded.
+``0xC211``  Cannot understand: the data set is malformed (truncated, an element
+            past its end, an unclosed sequence, pixel data of the wrong length).
+``0xC212``  Cannot understand: the installed decoders cannot read the pixel data.
 ==========  ================================================================
 
-A duplicate (an instance whose file already exists) is idempotent: the existing file is
-kept, the sink is called with ``duplicate=True`` and the status is *Success*.
+A data set is acknowledged only when it parses to its end (:func:`dicom.header.inspect_dataset`);
+a deflated one is inflated with a size cap first; a compressed image's first frame is
+decoded before it is acknowledged.
+
+A duplicate (an instance whose file already exists with the same content) is idempotent:
+the existing file is kept, the sink is called with ``duplicate=True`` and the status is
+*Success*; the same UID with other content is refused (``0x0111``), and so is an instance
+the sink refuses as a conflict (:class:`InstanceConflict`: the UID is known under another
+study or series).
 
 Logging carries UIDs, AE titles, addresses, counts and statuses only, never patient
 identifying attributes; pynetdicom's identifier logging is switched off.
@@ -29,6 +43,7 @@ import functools
 import logging
 import os
 import queue
+import socket
 import ssl
 import struct
 import threading
@@ -69,12 +84,17 @@ from pynetdicom import (
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from dicom import fast_store, spool
-from dicom.header import HeaderError, scan_header
+from dicom import fast_store, pynetdicom_compat, spool
+from dicom.header import DatasetFacts, HeaderError, inspect_dataset
 
 __all__ = [
     "STATUS_BAD_UID",
+    "STATUS_CONFLICT",
     "STATUS_DECODE_FAILED",
+    "STATUS_NOT_STORAGE",
+    "STATUS_PIXELS_UNDECODABLE",
+    "STATUS_SOP_CLASS_MISMATCH",
+    "STATUS_TOO_LARGE",
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_RECORD_FAILED",
     "STATUS_SUCCESS",
@@ -82,6 +102,7 @@ __all__ = [
     "STORAGE_SOP_CLASSES",
     "VERIFICATION_SOP_CLASS",
     "AssociationObserver",
+    "InstanceConflict",
     "InstanceSink",
     "ScpConfig",
     "StoreOutcome",
@@ -114,6 +135,17 @@ STATUS_RECORD_FAILED = 0xA702
 STATUS_BAD_UID = 0xC210
 #: Error, cannot understand: the data set could not be decoded.
 STATUS_DECODE_FAILED = 0xC211
+#: Error, cannot understand: the pixel data cannot be decoded by the installed decoders.
+STATUS_PIXELS_UNDECODABLE = 0xC212
+#: Refused, out of resources: the data set is larger than the configured maximum.
+STATUS_TOO_LARGE = 0xA703
+#: Error, data set does not match SOP class (of the request or the presentation context).
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+#: Refused, SOP class not supported (a C-STORE on a non-storage context, e.g. Verification).
+STATUS_NOT_STORAGE = 0x0122
+#: Failure, duplicate SOP instance: the UID is already stored with other content or under
+#: another study or series (or a Series UID is reused in another study).
+STATUS_CONFLICT = 0x0111
 
 #: Storage SOP classes accepted by the SCP.
 STORAGE_SOP_CLASSES: tuple[str, ...] = (
@@ -231,13 +263,22 @@ class StoredInstance:
     duplicate: bool = False
 
 
+class InstanceConflict(Exception):
+    """Raised by an :class:`InstanceSink` for an instance whose UIDs clash with stored ones.
+
+    The message names the UIDs and what they clash with (never patient attributes); the
+    SCP answers ``0x0111`` (duplicate SOP instance) and removes the file it just wrote.
+    """
+
+
 @runtime_checkable
 class InstanceSink(Protocol):
     """Receives every durably written instance; the node commits its state row here.
 
     Called from the association threads, possibly concurrently: implementations must be
     thread-safe. Returning means *recorded durably*; raising means *not recorded*, and the
-    SCP then answers a failure status (and removes a newly written file).
+    SCP then answers a failure status (and removes a newly written file):
+    :class:`InstanceConflict` gives ``0x0111``, anything else ``0xA702``.
     """
 
     def record(self, inst: StoredInstance) -> None:
@@ -281,8 +322,13 @@ class ScpConfig:
     ssl_context : ssl.SSLContext or None
         Server-side TLS context; ``None`` for plain TCP.
     maximum_pdu_size : int
-        Maximum PDU length we advertise for receiving; ``0`` means unlimited. A large
-        value lets peers send bigger P-DATA PDUs, which cuts pynetdicom's per-PDU cost.
+        Maximum PDU length we advertise for receiving (1 MiB by default; must be finite).
+        A large value lets peers send bigger P-DATA PDUs, which cuts pynetdicom's per-PDU
+        cost; a peer announcing a longer PDU of any type is aborted before a byte of it
+        is buffered (every read is capped at ``max(maximum_pdu_size, 64 KiB)``).
+    max_dataset_bytes : int
+        Largest data set accepted; a C-STORE growing past it is aborted (fast path) or
+        refused with ``0xA703``, and a deflated data set is never inflated past it.
     low_latency : bool
         Tune each accepted association for throughput (see :func:`tune_association`):
         event-driven dispatch of received messages, a shorter DUL poll interval and
@@ -304,7 +350,8 @@ class ScpConfig:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     ssl_context: ssl.SSLContext | None = None
-    maximum_pdu_size: int = 0
+    maximum_pdu_size: int = 1 << 20
+    max_dataset_bytes: int = 1 << 30
     low_latency: bool = True
     fast_store: bool = True
 
@@ -320,8 +367,15 @@ class ScpConfig:
         for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.maximum_pdu_size < 0:
-            raise ValueError(f"maximum_pdu_size must be >= 0, got {self.maximum_pdu_size}")
+        if not 4096 <= self.maximum_pdu_size <= 1 << 28:
+            raise ValueError(f"maximum_pdu_size must be in 4096..{1 << 28} bytes, got {self.maximum_pdu_size}")
+        if self.max_dataset_bytes < 1024:
+            raise ValueError(f"max_dataset_bytes must be >= 1024, got {self.max_dataset_bytes}")
+
+    @property
+    def read_cap(self) -> int:
+        """The longest PDU body read from a peer (any PDU type)."""
+        return max(self.maximum_pdu_size, 1 << 16)
 
     def caller_rejection(self, calling_ae: str, address: str) -> str | None:
         """Return why a caller is not allowed, or ``None`` if it is.
@@ -473,13 +527,43 @@ def _syntax_traits(transfer_syntax: str) -> tuple[bool, bool, bool]:
     return tsyntax.is_little_endian, tsyntax.is_implicit_VR, tsyntax.is_deflated
 
 
-def read_received_header(
-    fragments: Sequence[bytes | bytearray | memoryview], transfer_syntax: str
-) -> ReceivedHeader:
-    """Read the filing attributes of a received data set.
+class DatasetRejected(Exception):
+    """A received data set that must not be acknowledged: status and a comment (<= 64 chars)."""
 
-    Little endian data sets are scanned without decoding (:func:`dicom.header.scan_header`),
-    usually from the first fragment alone; big endian and deflated ones go through pydicom.
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment[:64]
+
+
+def _inflate(fragments: Sequence[bytes | bytearray | memoryview], cap: int) -> bytes:
+    """Inflate a deflated data set, refusing one that would exceed `cap` bytes (a zip bomb)."""
+    import zlib
+
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    try:
+        for fragment in fragments:
+            out += inflater.decompress(fragment, cap + 1 - len(out))
+            if len(out) > cap or inflater.unconsumed_tail:
+                raise DatasetRejected(STATUS_TOO_LARGE, "Deflated data set inflates past the maximum size")
+        out += inflater.flush()
+    except zlib.error:
+        raise DatasetRejected(STATUS_DECODE_FAILED, "Deflated data set is corrupt") from None
+    if len(out) > cap:
+        raise DatasetRejected(STATUS_TOO_LARGE, "Deflated data set inflates past the maximum size")
+    return bytes(out)
+
+
+def read_received_header(
+    fragments: Sequence[bytes | bytearray | memoryview], transfer_syntax: str, *,
+    max_dataset_bytes: int = 1 << 30,
+) -> tuple[ReceivedHeader, DatasetFacts | None]:
+    """Check a received data set to its end and read its filing attributes.
+
+    Little endian data sets are walked without decoding (:func:`dicom.header.inspect_dataset`)
+    across the received fragments; a deflated one is inflated first (never past
+    `max_dataset_bytes`); a big endian one is parsed whole by pydicom.
 
     Parameters
     ----------
@@ -487,28 +571,34 @@ def read_received_header(
         The encoded data set as received, in order.
     transfer_syntax : str
         Its transfer syntax.
+    max_dataset_bytes : int
+        Inflation cap of a deflated data set.
 
     Returns
     -------
-    ReceivedHeader
-        The values found (empty strings for absent ones).
+    header, facts
+        The filing values (empty strings for absent ones) and what the walk learned
+        (``None`` for big endian data sets).
 
     Raises
     ------
-    HeaderError
-        (or any pydicom decoding error) when the data set cannot be read.
+    DatasetRejected
+        When the data set is malformed (status ``0xC211``) or inflates too far (``0xA703``).
     """
     little_endian, implicit, deflated = _syntax_traits(transfer_syntax)
-    if not little_endian or deflated:
-        return ReceivedHeader.from_dataset(decode_header(_leading_bytes(fragments), transfer_syntax))
-    scan = None
-    if len(fragments) > 1:
-        scan = scan_header(fragments[0], implicit, _SCANNED_TAGS, complete=False)
-    if scan is None:
-        scan = scan_header(_leading_bytes(fragments), implicit, _SCANNED_TAGS)
-    if scan is None:  # pragma: no cover - a complete scan always returns
-        raise HeaderError("data set header could not be scanned")
-    return ReceivedHeader.from_raw(scan.values)
+    try:
+        if not little_endian:
+            ds = decode_header(_leading_bytes(fragments), transfer_syntax, whole=True)
+            return ReceivedHeader.from_dataset(ds), None
+        data = [_inflate(fragments, max_dataset_bytes)] if deflated else fragments
+        facts = inspect_dataset(data, implicit, _SCANNED_TAGS)
+    except DatasetRejected:
+        raise
+    except HeaderError as exc:
+        raise DatasetRejected(STATUS_DECODE_FAILED, f"Malformed: {exc}") from None
+    except Exception as exc:  # pydicom raises many types on malformed input
+        raise DatasetRejected(STATUS_DECODE_FAILED, f"Cannot decode data set ({type(exc).__name__})") from None
+    return ReceivedHeader.from_raw(facts.values), facts
 
 
 def _element(group_elem: int, vr: bytes, value: bytes) -> bytes:
@@ -562,8 +652,8 @@ def _stop_after_instance_number(tag: int, vr: str | None, length: int) -> bool:
     return tag > 0x00200013
 
 
-def decode_header(dataset_bytes: bytes, transfer_syntax: str) -> Dataset:
-    """Decode the top-level elements up to (0020,0013) of an encoded data set.
+def decode_header(dataset_bytes: bytes, transfer_syntax: str, *, whole: bool = False) -> Dataset:
+    """Decode the top-level elements up to (0020,0013) of an encoded data set (or all of it).
 
     Parameters
     ----------
@@ -571,11 +661,13 @@ def decode_header(dataset_bytes: bytes, transfer_syntax: str) -> Dataset:
         The data set as received (no file meta).
     transfer_syntax : str
         Its transfer syntax.
+    whole : bool
+        Read every element to the end (a truncated data set then raises).
 
     Returns
     -------
     pydicom.dataset.Dataset
-        Elements up to Instance Number (values still raw where possible).
+        Elements up to Instance Number, or all (values still raw where possible).
     """
     tsyntax = UID(transfer_syntax)
     if tsyntax.is_deflated:
@@ -583,12 +675,16 @@ def decode_header(dataset_bytes: bytes, transfer_syntax: str) -> Dataset:
         return pydicom.dcmread(
             BytesIO(head + dataset_bytes), stop_before_pixels=True, specific_tags=_SPECIFIC_TAGS
         )
-    return read_dataset(
+    ds = read_dataset(
         BytesIO(dataset_bytes),
         tsyntax.is_implicit_VR,
         tsyntax.is_little_endian,
-        stop_when=_stop_after_instance_number,
+        stop_when=None if whole else _stop_after_instance_number,
     )
+    if whole:
+        for _elem in ds.iterall():  # raw elements are parsed lazily: touch them all
+            pass
+    return ds
 
 
 def _remove_durably(path: Path) -> None:
@@ -603,6 +699,49 @@ def _remove_durably(path: Path) -> None:
         os.close(fd)
 
 
+def _check_sop_class(request_class: str, context_class: str | None, dataset_class: str) -> None:
+    """The request, its presentation context and the data set must name one storage SOP class."""
+    request_class = request_class.strip("\x00 ")
+    if context_class is not None and context_class not in STORAGE_SOP_CLASSES:
+        raise DatasetRejected(STATUS_NOT_STORAGE, "C-STORE on a non-storage presentation context")
+    if context_class is not None and request_class != context_class:
+        raise DatasetRejected(STATUS_SOP_CLASS_MISMATCH, "Affected SOP Class differs from the context's")
+    if dataset_class and dataset_class != request_class:
+        raise DatasetRejected(STATUS_SOP_CLASS_MISMATCH, "Data set SOP Class differs from the request's")
+
+
+def _check_pixels_decodable(fragments: Sequence[bytes | bytearray | memoryview], transfer_syntax: str,
+                            facts: DatasetFacts | None) -> None:
+    """Decode the first frame of a compressed image (the installed decoders must read it)."""
+    if facts is None or not facts.encapsulated or not UID(transfer_syntax).is_compressed:
+        return
+    from pydicom.pixels import pixel_array
+
+    head = encode_file_head(facts.sop_class_uid or "1.2", "1.2", transfer_syntax)
+    try:
+        pixel_array(BytesIO(head + _leading_bytes(fragments)), index=0)
+    except Exception as exc:  # decoders raise many types; none may reach the peer as success
+        LOGGER.warning("pixel data of transfer syntax %s not decodable (%s)", transfer_syntax, type(exc).__name__)
+        raise DatasetRejected(STATUS_PIXELS_UNDECODABLE, "Pixel data not decodable by this node") from None
+
+
+def _same_content(path: Path, fragments: Sequence[bytes | bytearray | memoryview]) -> bool:
+    """Whether the spool file holds exactly these data set bytes (after its file meta)."""
+    size = sum(len(f) for f in fragments)
+    with open(path, "rb") as fh:
+        head = fh.read(132 + 12)
+        if len(head) < 144 or head[128:132] != b"DICM":
+            return False
+        (meta_length,) = struct.unpack("<L", head[140:144])
+        fh.seek(144 + meta_length)
+        if os.fstat(fh.fileno()).st_size - (144 + meta_length) != size:
+            return False
+        for fragment in fragments:
+            if fh.read(len(fragment)) != bytes(fragment):
+                return False
+    return True
+
+
 def store_instance(
     *,
     dataset_bytes: bytes | Sequence[bytes | bytearray | memoryview],
@@ -614,8 +753,10 @@ def store_instance(
     sink: InstanceSink,
     calling_ae: str,
     peer_address: str,
+    context_sop_class: str | None = None,
+    max_dataset_bytes: int = 1 << 30,
 ) -> StoreOutcome:
-    """File one received instance durably and record it.
+    """Check one received instance, file it durably and record it.
 
     Parameters
     ----------
@@ -626,7 +767,7 @@ def store_instance(
         Transfer syntax of the presentation context it came on.
     sop_class_uid, sop_instance_uid : str
         Affected SOP Class/Instance UID of the request (file meta; the data set's own
-        SOP Class UID is preferred for the record when present).
+        SOP Class UID must agree).
     spool_dir : pathlib.Path
         Spool root.
     min_free_bytes : int
@@ -635,11 +776,15 @@ def store_instance(
         Records the instance.
     calling_ae, peer_address : str
         The sender.
+    context_sop_class : str or None
+        Abstract syntax of the presentation context (``None``: not checked).
+    max_dataset_bytes : int
+        Largest data set accepted (and inflation cap of a deflated one).
 
     Returns
     -------
     StoreOutcome
-        Status (and the instance on success).
+        Status (and the instance on success). Nothing is kept on disk for a failure.
     """
     if min_free_bytes and spool.free_bytes(spool_dir) < min_free_bytes:
         LOGGER.warning(
@@ -649,28 +794,19 @@ def store_instance(
         )
         return StoreOutcome(STATUS_OUT_OF_RESOURCES, "Out of resources: disk reserve reached")
 
-    if isinstance(dataset_bytes, bytes):
-        fragments: Sequence[bytes | bytearray | memoryview] = (dataset_bytes,)
-    else:
-        fragments = dataset_bytes
+    fragments: Sequence[bytes | bytearray | memoryview] = (
+        (dataset_bytes,) if isinstance(dataset_bytes, bytes) else dataset_bytes)
     try:
-        header = read_received_header(fragments, transfer_syntax)
-    except Exception as exc:  # pydicom raises many types on malformed input
-        LOGGER.warning(
-            "C-STORE from %s: data set could not be decoded (%s)", calling_ae, type(exc).__name__
-        )
-        return StoreOutcome(STATUS_DECODE_FAILED, "Cannot understand: data set not decodable")
-
-    uids = {
-        "StudyInstanceUID": header.study_uid,
-        "SeriesInstanceUID": header.series_uid,
-        "SOPInstanceUID": header.sop_uid,
-    }
-    for keyword, value in uids.items():
-        if not spool.is_valid_uid(value):
-            state = "missing" if not value else "invalid"
-            LOGGER.warning("C-STORE from %s refused: %s %s", calling_ae, keyword, state)
-            return StoreOutcome(STATUS_BAD_UID, f"{keyword} {state}")
+        if sum(len(f) for f in fragments) > max_dataset_bytes:
+            raise DatasetRejected(STATUS_TOO_LARGE, "Data set larger than the maximum size")
+        header, facts = read_received_header(fragments, transfer_syntax, max_dataset_bytes=max_dataset_bytes)
+        _check_sop_class(sop_class_uid, context_sop_class, header.sop_class_uid)
+        uids = _checked_uids(header)
+        _check_pixels_decodable(fragments, transfer_syntax, facts)
+    except DatasetRejected as exc:
+        LOGGER.warning("C-STORE of %s from %s refused (0x%04X): %s", _safe_uid(sop_instance_uid), calling_ae,
+                       exc.status, exc.comment)
+        return StoreOutcome(exc.status, exc.comment)
 
     path = spool.instance_path(
         spool_dir, uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
@@ -683,10 +819,18 @@ def store_instance(
             calling_ae,
             uids["SOPInstanceUID"],
         )
-    if not duplicate:
-        head = encode_file_head(
-            sop_class_uid, uids["SOPInstanceUID"], transfer_syntax, calling_ae
-        )
+    if duplicate:
+        try:
+            same = _same_content(path, fragments)
+        except OSError:
+            same = False
+        if not same:
+            LOGGER.warning("C-STORE of %s from %s refused: already stored with other content",
+                           uids["SOPInstanceUID"], calling_ae)
+            return StoreOutcome(STATUS_CONFLICT, "SOP Instance UID already stored with other content")
+        size = path.stat().st_size
+    else:
+        head = encode_file_head(sop_class_uid, uids["SOPInstanceUID"], transfer_syntax, calling_ae)
         try:
             spool.durable_write(path, _writer(head, fragments))
         except OSError as exc:
@@ -698,8 +842,6 @@ def store_instance(
             )
             return StoreOutcome(STATUS_WRITE_FAILED, "Out of resources: write failed")
         size = len(head) + sum(len(f) for f in fragments)
-    else:
-        size = path.stat().st_size
 
     inst = StoredInstance(
         study_uid=uids["StudyInstanceUID"],
@@ -716,22 +858,49 @@ def store_instance(
         instance_number=header.instance_number,
         duplicate=duplicate,
     )
+    return _record(sink, inst)
+
+
+def _safe_uid(uid: str) -> str:
+    uid = uid.strip("\x00 ")
+    return uid if spool.is_valid_uid(uid) else "(invalid UID)"
+
+
+def _checked_uids(header: ReceivedHeader) -> dict[str, str]:
+    uids = {
+        "StudyInstanceUID": header.study_uid,
+        "SeriesInstanceUID": header.series_uid,
+        "SOPInstanceUID": header.sop_uid,
+    }
+    for keyword, value in uids.items():
+        if not spool.is_valid_uid(value):
+            state = "missing" if not value else "invalid"
+            raise DatasetRejected(STATUS_BAD_UID, f"{keyword} {state}")
+    return uids
+
+
+def _record(sink: InstanceSink, inst: StoredInstance) -> StoreOutcome:
+    """Record via the sink; a refusal removes a file this request wrote."""
     try:
         sink.record(inst)
+        return StoreOutcome(STATUS_SUCCESS, "", inst)
+    except InstanceConflict as exc:
+        LOGGER.warning("C-STORE of %s from %s refused: %s", inst.sop_uid, inst.calling_ae, exc)
+        outcome = StoreOutcome(STATUS_CONFLICT, str(exc)[:64])
     except Exception as exc:  # the sink's failure must never reach the peer as success
         LOGGER.error(
             "C-STORE of %s from %s: sink failed to record (%s)",
             inst.sop_uid,
-            calling_ae,
+            inst.calling_ae,
             type(exc).__name__,
         )
-        if not duplicate:
-            try:
-                _remove_durably(path)
-            except OSError:
-                LOGGER.exception("Could not remove unrecorded spool file %s", path)
-        return StoreOutcome(STATUS_RECORD_FAILED, "Out of resources: could not record")
-    return StoreOutcome(STATUS_SUCCESS, "", inst)
+        outcome = StoreOutcome(STATUS_RECORD_FAILED, "Out of resources: could not record")
+    if not inst.duplicate:
+        try:
+            _remove_durably(inst.path)
+        except OSError:
+            LOGGER.exception("Could not remove unrecorded spool file %s", inst.path)
+    return outcome
 
 
 def _leading_bytes(fragments: Sequence[bytes | bytearray | memoryview]) -> bytes:
@@ -931,16 +1100,20 @@ class StoreSCP:
             spool.remove_temp_files(self._spool_dir)
             ae = self._make_ae()
             handlers: list[Any] = [
+                (evt.EVT_CONN_OPEN, self._on_conn_open),
                 (evt.EVT_C_STORE, self._on_c_store),
                 (evt.EVT_C_ECHO, _on_c_echo),
                 (evt.EVT_REQUESTED, self._on_requested),
                 (evt.EVT_ACCEPTED, self._on_accepted),
                 (evt.EVT_REJECTED, self._on_rejected),
             ]
+            # TLS is negotiated in each connection's own thread (_on_conn_open), with a
+            # deadline: pynetdicom would handshake in its accept loop, where one silent
+            # client blocks every other connection.
             self._server = ae.start_server(
                 (self.config.host, self.config.port),
                 block=False,
-                ssl_context=self.config.ssl_context,
+                ssl_context=None,
                 evt_handlers=handlers,
             )
             LOGGER.info(
@@ -964,6 +1137,14 @@ class StoreSCP:
             assoc.abort()
         for assoc in active:
             assoc.join(timeout=self.config.dimse_timeout)
+            if assoc.is_alive():  # blocked in a read: end it now rather than at its deadline
+                raw = pynetdicom_compat.raw_socket(assoc)
+                if raw is not None:
+                    try:
+                        raw.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                assoc.join(timeout=5.0)
         # Clean up any temp file left by an association killed mid-write.
         spool.remove_temp_files(self._spool_dir)
         LOGGER.info("Storage SCP %s stopped", self.config.ae_title)
@@ -989,6 +1170,29 @@ class StoreSCP:
         self.stop()
 
     # -- event handlers (thin) ------------------------------------------------------------
+    def _on_conn_open(self, event: evt.Event) -> None:
+        """Deadline for association setup, TLS in this thread, and the PDU read cap."""
+        assoc = event.assoc
+        peer = getattr(event, "address", None)
+        address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+        pynetdicom_compat.set_deadline(assoc, self.config.acse_timeout)
+        if self.config.ssl_context is not None:
+            failure = pynetdicom_compat.tls_handshake(assoc, self.config.ssl_context, self.config.acse_timeout)
+            if failure is not None:
+                LOGGER.warning("Connection from %s refused: %s", address, failure)
+                self._notify_rejected("", address, failure)
+                return
+        self._guard(assoc, address)
+
+    def _guard(self, assoc: Any, address: str) -> None:
+        cap = self.config.read_cap
+
+        def refused(length: int) -> None:
+            LOGGER.warning("Aborting association from %s: it announced a PDU of %d bytes (maximum %d)",
+                           address, length, cap)
+
+        pynetdicom_compat.guard_reads(assoc, cap, refused)
+
     def _on_requested(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
         primitive = requestor.primitive
@@ -1004,15 +1208,20 @@ class StoreSCP:
         event.assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        requestor = assoc.requestor
         if self.config.low_latency:
-            tune_association(event.assoc)
-        requestor = event.assoc.requestor
+            tune_association(assoc)
+            self._guard(assoc, str(requestor.address))  # tuning replaced the guarded reader
+        pynetdicom_compat.set_deadline(assoc, self.config.network_timeout)
         calling_ae = str(requestor.ae_title).strip()
         if self.config.fast_store:
+            contexts = {int(cx.context_id or 0): str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
             fast_store.install(
-                event.assoc,
+                assoc,
                 STORAGE_SOP_CLASSES,
-                self._fast_store_handler(calling_ae, str(requestor.address)),
+                self._fast_store_handler(calling_ae, str(requestor.address), contexts),
+                max_dataset_bytes=self.config.max_dataset_bytes,
             )
         LOGGER.info("Association accepted from %s at %s", calling_ae, requestor.address)
         if self.observer is not None:
@@ -1040,7 +1249,7 @@ class StoreSCP:
             LOGGER.exception("Association observer failed")
 
     def _fast_store_handler(
-        self, calling_ae: str, address: str
+        self, calling_ae: str, address: str, contexts: Mapping[int, str]
     ) -> Callable[[fast_store.StoreRequest, str, Sequence[memoryview]], tuple[int, str]]:
         def handle(
             request: fast_store.StoreRequest, transfer_syntax: str, fragments: Sequence[memoryview]
@@ -1055,6 +1264,8 @@ class StoreSCP:
                 sink=self.sink,
                 calling_ae=calling_ae,
                 peer_address=address,
+                context_sop_class=contexts.get(request.context_id),
+                max_dataset_bytes=self.config.max_dataset_bytes,
             )
             return outcome.status, outcome.comment[:64]
 
@@ -1073,6 +1284,8 @@ class StoreSCP:
             sink=self.sink,
             calling_ae=str(requestor.ae_title).strip(),
             peer_address=str(requestor.address),
+            context_sop_class=str(event.context.abstract_syntax),
+            max_dataset_bytes=self.config.max_dataset_bytes,
         )
         if outcome.status == STATUS_SUCCESS:
             return STATUS_SUCCESS

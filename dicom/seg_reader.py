@@ -24,7 +24,13 @@ meaning).  Segments that match nothing are reported in
 Segmentation types: BINARY; FRACTIONAL (a pixel belongs to a segment when its
 value is at least half of MaximumFractionalValue); LABELMAP (Label Map
 Segmentation Storage, pixel value = segment number), recognised by SOP Class
-UID or by ``SegmentationType``.
+UID or by ``SegmentationType``. A FRACTIONAL SEG whose stored values never exceed 1
+while MaximumFractionalValue is larger is a mis-typed BINARY one (dcmjs-based viewers
+wrote such SEGs with RLE): its non-zero pixels count, and :attr:`SegReadResult.warnings`
+says so.
+
+A SEG without frames or without Pixel Data is refused (:class:`SegReadError`): an empty
+read must never pass for "the radiologist erased everything".
 
 Overlap rule: where segments overlap, the class with the **higher label value
 wins** (with the default table lesion = 2 beats organ = 1, so a lesion drawn
@@ -112,12 +118,15 @@ class SegReadResult:
         SEG SegmentNumber -> node label value, for every mapped segment.
     unknown_segments : tuple[UnknownSegment, ...]
         Segments that were not mapped (their pixels are ignored).
+    warnings : tuple[str, ...]
+        What was read leniently (e.g. a mis-typed FRACTIONAL SEG); no patient attribute.
     """
 
     labels: npt.NDArray[np.uint8]
     slices_with_frames: set[int]
     segment_mapping: dict[int, int]
     unknown_segments: tuple[UnknownSegment, ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())
 
 
 def _code_key(item: Dataset) -> tuple[str, str]:
@@ -354,9 +363,12 @@ def read_segmentation(
     mapping, unknown = _map_segments(seg, specs)
 
     labels = np.zeros(geometry.shape, dtype=np.uint8)
-    n_frames = int(seg.get("NumberOfFrames", 1) or 1)
-    if "PixelData" not in seg or n_frames == 0:
-        return SegReadResult(labels, set(), mapping, tuple(unknown))
+    raw_frames = seg.get("NumberOfFrames", None)
+    n_frames = 1 if raw_frames is None or str(raw_frames).strip() == "" else int(raw_frames)
+    if n_frames < 1:
+        raise SegReadError(f"seg has NumberOfFrames {n_frames}: no frame to read corrections from")
+    if "PixelData" not in seg or not seg.PixelData:
+        raise SegReadError("seg has no Pixel Data: no frame to read corrections from")
     frames = list(seg.get("PerFrameFunctionalGroupsSequence", []))
     if len(frames) != n_frames:
         raise SegReadError(
@@ -384,9 +396,16 @@ def read_segmentation(
         return SegReadResult(labels, set(slice_index), mapping, tuple(unknown))
 
     threshold: float = 1.0
+    warnings: list[str] = []
     if seg_type == "FRACTIONAL":
         max_value = float(seg.get("MaximumFractionalValue", 255) or 255)
         threshold = 0.5 * max_value
+        if max_value > 1 and pixels.size and int(pixels.max()) <= 1:
+            threshold = 1.0
+            warnings.append(
+                f"FRACTIONAL seg with MaximumFractionalValue {max_value:g} stores only 0 and 1: read as a "
+                "mis-typed BINARY segmentation (non-zero = inside)"
+            )
     for f, k in enumerate(slice_index):
         ident = _frame_attr(frames[f], shared, "SegmentIdentificationSequence")
         if ident is None or "ReferencedSegmentNumber" not in ident:
@@ -400,4 +419,4 @@ def read_segmentation(
         else:
             candidate = (frame >= threshold).view(np.uint8) * np.uint8(label)
         np.maximum(labels[k], candidate, out=labels[k])
-    return SegReadResult(labels, set(slice_index), mapping, tuple(unknown))
+    return SegReadResult(labels, set(slice_index), mapping, tuple(unknown), tuple(warnings))

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from dicom.codes import SegmentSpec, default_segment_specs, load_segment_specs
-from dicom.scp import ScpConfig, StoredInstance, StoreSCP
+from dicom.scp import InstanceConflict, ScpConfig, StoredInstance, StoreSCP
+from dicom.values import quiet_pydicom
 from node import systemd
 from node.audit import AuditingSink, AuditLog, AuditObserver
 from node.metrics import CountingSink, Metrics, MetricsServer
@@ -80,6 +81,7 @@ class StoreSink:
                 series_description=inst.series_description or "",
                 series_number=inst.series_number,
                 instance_number=inst.instance_number,
+                peer_address=inst.peer_address,
             )
         )
         if outcome.new and inst.sop_class_uid == SEG_SOP_CLASS and not self._store.is_own_output(inst.sop_uid):
@@ -122,9 +124,13 @@ def recover_spool(store: Store, spool_dir: Path) -> int:
                 instance_number=int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None,
             )
         except Exception as exc:  # a file we cannot read is left in place and reported
-            log.error("spooled file %s cannot be re-recorded: %s", path, exc)
+            log.error("spooled file %s cannot be re-recorded (%s)", path, type(exc).__name__)
             continue
-        store.record_instance(rec)
+        try:
+            store.record_instance(rec)
+        except InstanceConflict as exc:  # e.g. a file an older version kept for a refused instance
+            log.error("spooled file %s not re-recorded: %s", path, exc)
+            continue
         n += 1
     if n:
         log.warning("re-recorded %d spooled instance(s) whose database rows were lost", n)
@@ -170,6 +176,10 @@ class App:
         if self.audit is not None:
             self.audit.config_loaded(s.source or "(embedded defaults)", s.source_sha256)
         recover_spool(self.store, s.spool_dir)
+        if self.audit_sink is not None:  # instances acknowledged before a stop or crash
+            late = self.audit_sink.flush(force=True, backlog=True)
+            if late:
+                log.warning("audit: wrote %d instances_stored event(s) left from before the start", late)
         self.store.restart_stability_clocks()
         resumed = self.store.resume_unfinished()
         if resumed:
@@ -341,6 +351,7 @@ def load_segments(settings: Settings) -> tuple[SegmentSpec, ...]:
 
 def build_app(settings: Settings) -> App:
     """Compose a node from its settings (the only place that does so)."""
+    quiet_pydicom()
     store = Store(settings.database_url)
     scheduler = NodeScheduler()
     models = LazyModels(settings)
@@ -405,11 +416,13 @@ def build_app(settings: Settings) -> App:
         dimse_timeout=d.dimse_timeout_s,
         network_timeout=d.network_timeout_s,
         ssl_context=server_ssl,
+        maximum_pdu_size=d.max_pdu_kb * 1024,
+        max_dataset_bytes=d.max_dataset_mb * 1024 * 1024,
     )
     sink: Any = StoreSink(store, on_correction=lambda: scheduler.wake("jobs"))
     if metrics is not None:
         sink = CountingSink(sink, metrics)
-    audit_sink = AuditingSink(sink, audit, idle_s=5.0) if audit is not None else None
+    audit_sink = AuditingSink(sink, audit, store) if audit is not None else None
     scp = StoreSCP(
         scp_config,
         audit_sink or sink,

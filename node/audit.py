@@ -250,6 +250,7 @@ class AuditLog:
         *,
         address: str = "",
         duplicates: int = 0,
+        backlog: bool = False,
     ) -> dict[str, Any]:
         """Instances of one study were received from a peer and stored.
 
@@ -265,6 +266,8 @@ class AuditLog:
             Network address of the sender.
         duplicates : int, optional
             How many of `count` had been received before.
+        backlog : bool, optional
+            Written late: at a start, for instances acknowledged before a stop or crash.
 
         Returns
         -------
@@ -285,7 +288,7 @@ class AuditLog:
             "instances_stored",
             remote=remote,
             objects=[{"type": "study", "study_instance_uid": _text(study_uid, 64)}],
-            detail={"count": int(count), "duplicates": int(duplicates)},
+            detail={"count": int(count), "duplicates": int(duplicates), **({"backlog": True} if backlog else {})},
         )
 
     def output_delivered(
@@ -454,93 +457,97 @@ class _Sink(Protocol):
     def record(self, inst: Any) -> None: ...
 
 
-@dataclass
-class _Batch:
-    count: int = 0
-    duplicates: int = 0
-    last: float = 0.0
+class _Unaudited(Protocol):
+    def unaudited_instances(self, limit: int = ...) -> list[Any]: ...
+
+    def mark_audited(self, sop_uids: Any) -> None: ...
 
 
 class AuditingSink:
-    """Wrap an :class:`dicom.scp.InstanceSink`; batch ``instances_stored`` events.
+    """Wrap an :class:`dicom.scp.InstanceSink`; write ``instances_stored`` events from the state database.
 
-    Every instance the inner sink records (the SCP then answers *Success*) is counted
-    per ``(study, calling AE, address)``. :meth:`flush` writes one ``instances_stored``
-    event per batch idle for `idle_s` seconds; call it periodically and with
-    ``force=True`` at shutdown. Instances whose recording failed are not counted.
+    Durability: every instance the inner sink records is a state-database row marked
+    *not audited*, committed (and its spool file fsynced) before the C-STORE is
+    acknowledged; that row and file are what the audit event is made of, so the
+    acknowledgement never waits for the audit file and nothing acknowledged can be missing
+    from it. :meth:`flush` (every few seconds, at start and at shutdown) writes one
+    ``instances_stored`` event per ``(study, calling AE, address)`` for the rows not audited
+    yet and marks them. After ``kill -9`` the rows are still unaudited and are written at the
+    next start; after a power cut the spool recovery re-records lost rows (unaudited) first.
+    Re-sent duplicates (no new row) are counted in memory and reported with their study's
+    next event. Instances whose recording failed are not counted.
 
     Parameters
     ----------
     inner : InstanceSink
-        The real sink (e.g. the state store adapter).
+        The real sink (the state store adapter).
     audit : AuditLog
         The audit log.
-    idle_s : float, default 5.0
-        A batch is written once no instance was added to it for this long.
-    clock : callable, optional
-        Monotonic clock (tests).
-
-    Raises
-    ------
-    ValueError
-        If `idle_s` is negative.
+    store : object
+        The state store (``unaudited_instances``, ``mark_audited``).
     """
 
-    def __init__(self, inner: _Sink, audit: AuditLog, *, idle_s: float = 5.0, clock: Any = None) -> None:
+    def __init__(self, inner: _Sink, audit: AuditLog, store: _Unaudited) -> None:
         if not callable(getattr(inner, "record", None)):
             raise TypeError("inner must have a callable 'record(inst)' method")
-        if idle_s < 0:
-            raise ValueError(f"idle_s must be >= 0, got {idle_s}")
         self.inner = inner
         self.audit = audit
-        self.idle_s = float(idle_s)
-        self._clock = clock or time.monotonic
+        self.store = store
         self._lock = threading.Lock()
-        self._batches: dict[tuple[str, str, str], _Batch] = {}
+        self._duplicates: dict[tuple[str, str, str], int] = {}
 
     def record(self, inst: Any) -> None:
-        """Record via the inner sink, then count the instance (raises if the inner sink does)."""
+        """Record via the inner sink (raises if it does); count a duplicate."""
         self.inner.record(inst)
-        key = (str(inst.study_uid), str(inst.calling_ae), str(getattr(inst, "peer_address", "")))
-        with self._lock:
-            b = self._batches.setdefault(key, _Batch())
-            b.count += 1
-            b.duplicates += 1 if getattr(inst, "duplicate", False) else 0
-            b.last = self._clock()
+        if getattr(inst, "duplicate", False):
+            key = (str(inst.study_uid), str(inst.calling_ae), str(getattr(inst, "peer_address", "")))
+            with self._lock:
+                self._duplicates[key] = self._duplicates.get(key, 0) + 1
 
-    def flush(self, force: bool = False) -> int:
-        """Write the batches idle for ``idle_s`` (all with `force`).
+    def flush(self, force: bool = False, *, backlog: bool = False) -> int:
+        """Write events for every instance recorded but not yet audited.
 
         Parameters
         ----------
         force : bool, default False
-            Write every pending batch (shutdown).
+            Also report pending duplicate counts of studies without new instances.
+        backlog : bool, default False
+            Mark the events as written late (at start, for instances recorded before a stop
+            or crash).
 
         Returns
         -------
         int
             Number of events written.
         """
-        now = self._clock()
+        rows = self.store.unaudited_instances()
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for r in rows:
+            groups.setdefault((str(r["study_uid"]), str(r["calling_ae"]), str(r["peer_address"])), []).append(
+                str(r["sop_uid"]))
         with self._lock:
-            due = [k for k, b in self._batches.items() if force or now - b.last >= self.idle_s]
-            batches = [(k, self._batches.pop(k)) for k in due]
+            dups = dict(self._duplicates) if force else {k: v for k, v in self._duplicates.items() if k in groups}
+            for k in dups:
+                self._duplicates.pop(k, None)
         written = 0
-        for (study_uid, calling_ae, address), b in batches:
+        for key in sorted(set(groups) | set(dups)):
+            study_uid, calling_ae, address = key
+            sops = groups.get(key, [])
+            n_dup = dups.get(key, 0)
             try:
-                self.audit.instances_stored(study_uid, b.count, calling_ae, address=address, duplicates=b.duplicates)
-                written += 1
+                self.audit.instances_stored(study_uid, len(sops) + n_dup, calling_ae, address=address,
+                                            duplicates=n_dup, backlog=backlog)
             except (OSError, RuntimeError):
                 log.exception("audit: could not write instances_stored for study %s", study_uid)
-                with self._lock:  # keep it for the next flush
-                    kept = self._batches.setdefault((study_uid, calling_ae, address), _Batch())
-                    kept.count += b.count
-                    kept.duplicates += b.duplicates
-                    kept.last = max(kept.last, b.last)
+                if n_dup:
+                    with self._lock:
+                        self._duplicates[key] = self._duplicates.get(key, 0) + n_dup
+                continue
+            self.store.mark_audited(sops)
+            written += 1
         return written
 
     @property
     def pending(self) -> int:
-        """Number of batches not yet written."""
-        with self._lock:
-            return len(self._batches)
+        """Instances recorded but not yet audited."""
+        return len(self.store.unaudited_instances())

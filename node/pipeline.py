@@ -32,6 +32,7 @@ from dicom.series import SeriesError, Volume, load_series, sort_datasets
 from dicom.seg_reader import SegReadError, read_segmentation
 from dicom.seg_writer import SegKind, build_segmentation
 from dicom.spool import durable_write
+from dicom.values import sanitize_header
 from models.acquisition import planes_per_axis, select_slices, select_slices_uss, slice_scores
 from models.refinement import reviewed_mask
 from models.refiners import RefinementInputs
@@ -276,6 +277,12 @@ def _load_volume(ctx: PipelineContext, series_uid: str) -> tuple[Volume, list[Da
     except SeriesError as exc:
         raise PermanentJobError(f"series {series_uid} cannot be assembled: {exc}") from exc
     headers = sort_datasets([pydicom.dcmread(p, stop_before_pixels=True) for p in paths])
+    fixed: set[str] = set()
+    for ds in headers:
+        fixed.update(sanitize_header(ds))
+    if fixed:
+        log.warning("series %s: invalid values of %s left out of the outputs (values not logged)", series_uid,
+                    ", ".join(sorted(fixed)))
     return volume, headers
 
 
@@ -553,6 +560,8 @@ def run_refinement(ctx: PipelineContext, job_id: int, correction_sop_uid: str) -
             job_id,
             len(result.unknown_segments),
         )
+    for warning in result.warnings:
+        log.warning("job %d: corrected SEG %s: %s", job_id, correction_sop_uid, warning)
 
     reviewed = reviewed_from_picks(data.get("picks", []))
     if s.acquisition.corrected_slices == "requested+changed":

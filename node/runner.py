@@ -11,6 +11,7 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass
+from types import TracebackType
 
 from node.pipeline import (
     PermanentJobError,
@@ -21,9 +22,49 @@ from node.pipeline import (
 )
 from node.store import JobState
 
-__all__ = ["JobRunner", "RunSummary"]
+__all__ = ["JobRunner", "RunSummary", "failure_reason", "failure_trace"]
 
 log = logging.getLogger(__name__)
+
+
+def _own_exception_types() -> tuple[type[BaseException], ...]:
+    """Exceptions whose messages this code base writes itself: UIDs, counts, keys, never values."""
+    from dicom.seg_reader import SegReadError
+    from dicom.series import SeriesError
+    from models.nnunet import ModelError
+    from models.refinement import RefinementModelError
+
+    return (PermanentJobError, SeriesError, SegReadError, ModelError, RefinementModelError)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What went wrong, for the job's reason, the status and the log - without attribute values.
+
+    Messages of this code base's own exceptions are kept; an ``OSError`` keeps its error text
+    (not its file name); any other exception (pydicom, highdicom, torch, ...) may quote the data
+    it choked on - a patient's name or birth date - so only its type and the place it was raised
+    are given.
+    """
+    if isinstance(exc, _own_exception_types()):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'I/O error'}"
+    return f"{type(exc).__name__} at {_where(exc.__traceback__)} (message withheld: it may quote patient data)"
+
+
+def _where(tb: TracebackType | None) -> str:
+    frames = traceback.extract_tb(tb)
+    ours = [f for f in frames if "/site-packages/" not in f.filename] or frames
+    if not ours:
+        return "?"
+    f = ours[-1]
+    return f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+
+
+def failure_trace(exc: BaseException, limit: int = 6) -> str:
+    """The stack of ``exc`` (files, lines, code) ending in :func:`failure_reason`, never the raw message."""
+    lines = traceback.format_list(traceback.extract_tb(exc.__traceback__)[-limit:])
+    return "".join(lines) + failure_reason(exc)
 
 
 @dataclass
@@ -81,8 +122,8 @@ class JobRunner:
         except Exception as exc:  # retried: model, disk or transient failures
             job = store.job(job_id)
             attempts = int(job["attempts"]) if job else self.max_attempts
-            reason = f"{type(exc).__name__}: {exc}"
-            log.error("job %d attempt %d failed: %s\n%s", job_id, attempts, reason, traceback.format_exc(limit=5))
+            reason = failure_reason(exc)
+            log.error("job %d attempt %d failed: %s\n%s", job_id, attempts, reason, failure_trace(exc))
             if attempts >= self.max_attempts:
                 store.set_job_state(job_id, JobState.FAILED, reason=f"gave up after {attempts} attempts: {reason}")
                 summary.failed += 1
@@ -101,8 +142,9 @@ class JobRunner:
         try:
             job_id = ingest_correction(self.ctx, sop_uid)
         except Exception as exc:
-            store.set_correction(sop_uid, "rejected", reason=f"cannot read: {type(exc).__name__}: {exc}")
-            log.error("corrected SEG %s rejected: %s", sop_uid, exc)
+            reason = failure_reason(exc)
+            store.set_correction(sop_uid, "rejected", reason=f"cannot read: {reason}")
+            log.error("corrected SEG %s rejected: %s", sop_uid, reason)
             return
         if job_id is None:
             summary.unmatched += 1
@@ -118,10 +160,13 @@ class JobRunner:
             summary.failed += 1
         except Exception as exc:
             data = store.job_data(job_id)
-            failures = int(data.get("refine_failures", 0)) + 1
-            data["refine_failures"] = failures
-            reason = f"{type(exc).__name__}: {exc}"
-            log.error("job %d refinement failed: %s\n%s", job_id, reason, traceback.format_exc(limit=5))
+            # Counted per corrected SEG: failures of one SEG never shorten the next one's retries.
+            by_sop = dict(data.get("refine_failures", {})) if isinstance(data.get("refine_failures"), dict) else {}
+            failures = int(by_sop.get(sop_uid, 0)) + 1
+            by_sop[sop_uid] = failures
+            data["refine_failures"] = by_sop
+            reason = failure_reason(exc)
+            log.error("job %d refinement failed: %s\n%s", job_id, reason, failure_trace(exc))
             if failures >= self.max_attempts:
                 store.set_correction(sop_uid, "failed", job_id=job_id, reason=f"gave up after {failures} attempts: {reason}")
                 store.set_job_state(job_id, previous, data=data, reason=f"refinement failed: {reason}")

@@ -98,10 +98,12 @@ class DicomSettings:
         "Calling AE allow-list. Entries are 'AE', 'AE@host' or '*@host'; a single '*' accepts any caller.",
     )
     max_associations: int = _f(10, "Maximum number of concurrent associations.", minimum=1, maximum=1000)
-    acse_timeout_s: float = _f(30.0, "ACSE (association negotiation) timeout in seconds.", minimum=1, maximum=3600)
+    acse_timeout_s: float = _f(30.0, "Deadline of association setup (TLS handshake and A-ASSOCIATE) in seconds.", minimum=1, maximum=3600)
     dimse_timeout_s: float = _f(60.0, "DIMSE message timeout in seconds.", minimum=1, maximum=3600)
-    network_timeout_s: float = _f(60.0, "Idle network timeout in seconds.", minimum=1, maximum=3600)
+    network_timeout_s: float = _f(60.0, "Idle network timeout in seconds; also the deadline of every read once an association is set up.", minimum=1, maximum=3600)
     min_free_mb: int = _f(1024, "Free-disk reserve of the spool in MiB; below it C-STORE answers A700 (out of resources).", minimum=0)
+    max_pdu_kb: int = _f(1024, "Maximum PDU length the node advertises and accepts, in KiB; a peer announcing a longer PDU is aborted before it is buffered.", minimum=4, maximum=262144)
+    max_dataset_mb: int = _f(1024, "Largest data set accepted, in MiB (also the inflation cap of deflated data sets); memory per association stays below it.", minimum=1, maximum=65536)
     tls: bool = _f(False, "Require DICOM TLS on the listening port (see [tls]).")
 
 

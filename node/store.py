@@ -26,6 +26,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from dicom.scp import InstanceConflict
+
 __all__ = [
     "JobState",
     "UNFINISHED_STATES",
@@ -99,6 +101,16 @@ instances = sa.Table(
     sa.Column("calling_ae", sa.String(16), nullable=False, default=""),
     sa.Column("instance_number", sa.Integer),
     sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("peer_address", sa.String(64), nullable=False, server_default=""),
+    # 0 until the instance's ``instances_stored`` audit event is written (node.audit).
+    sa.Column("audited", sa.Boolean, nullable=False, server_default=sa.true(), index=True),
+)
+
+#: Columns added after the first release: (table, column, DDL type and default). Created on
+#: databases that lack them (rows that existed before count as audited).
+_ADDED_COLUMNS = (
+    ("instances", "peer_address", "VARCHAR(64) NOT NULL DEFAULT ''"),
+    ("instances", "audited", "BOOLEAN NOT NULL DEFAULT TRUE"),
 )
 
 jobs = sa.Table(
@@ -180,6 +192,7 @@ class InstanceRecord:
     series_description: str = ""
     series_number: int | None = None
     instance_number: int | None = None
+    peer_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -201,7 +214,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 # -- prebuilt statements of the receive path (see Store.record_instance) -------------
 _P = sa.bindparam
-_Q_INSTANCE_EXISTS = sa.select(instances.c.sop_uid).where(instances.c.sop_uid == _P("sop"))
+_Q_INSTANCE_EXISTS = sa.select(instances.c.study_uid, instances.c.series_uid).where(instances.c.sop_uid == _P("sop"))
 _Q_TOUCH_RECEIVING = (
     studies.update()
     .where(studies.c.study_uid == _P("study"), studies.c.state == "receiving")
@@ -222,7 +235,7 @@ _Q_STUDY_RECEIVE = (
         reopened=studies.c.reopened + _P("reopened"),
     )
 )
-_Q_SERIES_EXISTS = sa.select(series.c.series_uid).where(series.c.series_uid == _P("series"))
+_Q_SERIES_EXISTS = sa.select(series.c.study_uid).where(series.c.series_uid == _P("series"))
 _Q_SERIES_INSERT = series.insert().values(
     series_uid=_P("series"), study_uid=_P("study"), modality=_P("modality"),
     sop_class_uid=_P("sop_class"), description=_P("description"),
@@ -237,6 +250,7 @@ _Q_INSTANCE_INSERT = instances.insert().values(
     sop_uid=_P("sop"), series_uid=_P("series"), study_uid=_P("study"),
     sop_class_uid=_P("sop_class"), path=_P("path"), size=_P("size"),
     calling_ae=_P("calling_ae"), instance_number=_P("number"), received_at=_P("now"),
+    peer_address=_P("peer"), audited=False,
 )
 
 
@@ -261,8 +275,17 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        self._add_missing_columns()
         # SQLite allows one writer; serialising writers here avoids busy retries.
         self._write_lock = threading.Lock()
+
+    def _add_missing_columns(self) -> None:
+        inspector = sa.inspect(self.engine)
+        for table, column, ddl in _ADDED_COLUMNS:
+            if column not in {c["name"] for c in inspector.get_columns(table)}:
+                with self.engine.begin() as c:
+                    c.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+                log.info("state database: added column %s.%s", table, column)
 
     def close(self) -> None:
         """Release database connections."""
@@ -279,17 +302,30 @@ class Store:
         The row, its series and study are committed before this returns, so a
         caller may acknowledge the instance afterwards.  A new instance for a study
         that was already stable re-opens it (it is swept again later).
+
+        Raises
+        ------
+        dicom.scp.InstanceConflict
+            When the SOP Instance UID is recorded under another series or study, or the
+            Series Instance UID belongs to another study (nothing is recorded; a job must
+            never mix the slices of two studies).
         """
         now = time.time() if now is None else now
         # Prebuilt statements with bound parameters: this runs once per received
         # instance, before its C-STORE is acknowledged, and building SQLAlchemy
         # statements per call cost more than the database work.
         with self._write_lock, self._tx() as c:
-            if c.execute(_Q_INSTANCE_EXISTS, {"sop": rec.sop_uid}).first() is not None:
+            known = c.execute(_Q_INSTANCE_EXISTS, {"sop": rec.sop_uid}).first()
+            if known is not None:
+                if (known.study_uid, known.series_uid) != (rec.study_uid, rec.series_uid):
+                    raise InstanceConflict(f"SOP Instance UID already stored in series {known.series_uid}")
                 # A re-sent instance shows the sender is still at work on a study that is
                 # receiving: it keeps the stability clock from running out mid-resend.
                 c.execute(_Q_TOUCH_RECEIVING, {"study": rec.study_uid, "now": now})
                 return RecordOutcome(new=False, reopened_study=False)
+            owner = c.execute(_Q_SERIES_EXISTS, {"series": rec.series_uid}).first()
+            if owner is not None and owner.study_uid != rec.study_uid:
+                raise InstanceConflict(f"Series Instance UID already used in study {owner.study_uid}")
             st = c.execute(_Q_STUDY_STATE, {"study": rec.study_uid}).first()
             reopened = False
             if st is None:
@@ -300,7 +336,7 @@ class Store:
                     _Q_STUDY_RECEIVE,
                     {"study": rec.study_uid, "now": now, "reopened": 1 if reopened else 0},
                 )
-            if c.execute(_Q_SERIES_EXISTS, {"series": rec.series_uid}).first() is None:
+            if owner is None:
                 c.execute(
                     _Q_SERIES_INSERT,
                     {
@@ -327,11 +363,32 @@ class Store:
                     "calling_ae": rec.calling_ae,
                     "number": rec.instance_number,
                     "now": now,
+                    "peer": rec.peer_address[:64],
                 },
             )
         if reopened:
             log.info("late instance re-opened stable study %s", rec.study_uid)
         return RecordOutcome(new=True, reopened_study=reopened)
+
+    def unaudited_instances(self, limit: int = 10000) -> list[Row]:
+        """Recorded instances whose audit event is not written yet, oldest first.
+
+        Rows: ``sop_uid, study_uid, calling_ae, peer_address, received_at``.
+        """
+        q = (sa.select(instances.c.sop_uid, instances.c.study_uid, instances.c.calling_ae,
+                       instances.c.peer_address, instances.c.received_at)
+             .where(instances.c.audited == sa.false()).order_by(instances.c.received_at).limit(int(limit)))
+        with self.engine.connect() as c:
+            return [r._mapping for r in c.execute(q)]
+
+    def mark_audited(self, sop_uids: Sequence[str]) -> None:
+        """Note that these instances' audit events are written."""
+        if not sop_uids:
+            return
+        with self._write_lock, self._tx() as c:
+            for start in range(0, len(sop_uids), 500):
+                chunk = list(sop_uids[start:start + 500])
+                c.execute(instances.update().where(instances.c.sop_uid.in_(chunk)).values(audited=True))
 
     def instance_paths(self, series_uid: str) -> list[Path]:
         """Paths of every recorded instance of a series."""

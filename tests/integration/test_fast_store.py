@@ -97,7 +97,7 @@ def path_spy(monkeypatch: pytest.MonkeyPatch) -> PathSpy:
     original_install = fast_store.install
     original_on_c_store = StoreSCP._on_c_store
 
-    def install(assoc: Any, classes: Any, store: Any) -> fast_store.StoreAssembler | None:
+    def install(assoc: Any, classes: Any, store: Any, **kwargs: Any) -> fast_store.StoreAssembler | None:
         def wrapped(request: fast_store.StoreRequest, ts: str, fragments: Sequence[memoryview]) -> tuple[int, str]:
             status, comment = store(request, ts, fragments)
             with spy.lock:
@@ -105,7 +105,7 @@ def path_spy(monkeypatch: pytest.MonkeyPatch) -> PathSpy:
                 spy.statuses.append(status)
             return status, comment
 
-        assembler = original_install(assoc, classes, wrapped)
+        assembler = original_install(assoc, classes, wrapped, **kwargs)
         with spy.lock:
             spy.assemblers.append(assembler)
         return assembler
@@ -406,9 +406,9 @@ def test_install_after_first_request_falls_back_cleanly(
     """
     spy_install = fast_store.install
 
-    def late_install(*args: Any) -> Any:
+    def late_install(*args: Any, **kwargs: Any) -> Any:
         time.sleep(0.3)
-        return spy_install(*args)
+        return spy_install(*args, **kwargs)
 
     monkeypatch.setattr(fast_store, "install", late_install)
     datasets = ct_series(3, size=128, seed=20)

@@ -12,7 +12,9 @@ import pytest
 
 from dicom.scp import STATUS_SUCCESS, StoredInstance, store_instance
 from dicom.synthetic import PatientInfo, build_ct_series, write_datasets
+from node.app import StoreSink
 from node.audit import EVENT_CODES, AuditingSink, AuditLog, AuditObserver
+from node.store import Store
 
 PATIENT = PatientInfo(name="Doe^Jane^Q", id="PID-98765-XYZ", birth_date="19650312", sex="F")
 PATIENT_STRINGS = ("Doe", "Jane", "PID-98765-XYZ", "98765", "19650312", "1965-03-12")
@@ -22,19 +24,6 @@ def _records(path: Path) -> list[dict]:
     text = path.read_text(encoding="ascii")
     assert text.endswith("\n")
     return [json.loads(line) for line in text.splitlines()]
-
-
-class _ListSink:
-    def __init__(self) -> None:
-        self.items: list[StoredInstance] = []
-
-    def record(self, inst: StoredInstance) -> None:
-        self.items.append(inst)
-
-
-class _FailingSink:
-    def record(self, inst: StoredInstance) -> None:
-        raise RuntimeError("database down")
 
 
 def test_every_event_is_one_valid_json_line(tmp_path: Path) -> None:
@@ -147,14 +136,13 @@ def test_full_flow_never_writes_patient_attributes(tmp_path: Path) -> None:
     assert PATIENT.id.encode() in files[0].read_bytes()  # the input really carries patient data
     study_uid = str(datasets[0].StudyInstanceUID)
 
-    clock = [0.0]
     path = tmp_path / "audit.jsonl"
     audit = AuditLog(path)
     audit.config_loaded(tmp_path / "i3node.toml", "0" * 64)
     audit.node_started(port=11112)
     observer = AuditObserver(audit)
-    inner = _ListSink()
-    sink = AuditingSink(inner, audit, idle_s=5.0, clock=lambda: clock[0])
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    sink = AuditingSink(StoreSink(store), audit, store)
 
     observer.accepted("PACS", "127.0.0.1")
     for f in files + files[:1]:  # the last one is a duplicate
@@ -165,9 +153,9 @@ def test_full_flow_never_writes_patient_attributes(tmp_path: Path) -> None:
         )
         assert out.status == STATUS_SUCCESS
     observer.rejected("ROGUE", "127.0.0.2", "calling AE title not recognised")
-    assert sink.flush() == 0 and sink.pending == 1  # not idle yet
-    clock[0] = 10.0
+    assert sink.pending == 3  # recorded (and acknowledged), not yet in the audit file
     assert sink.flush() == 1 and sink.pending == 0
+    assert sink.flush() == 0
 
     audit.output_delivered("VIEWER", "1.2.826.0.1.3680043.10.1.1", "seg", study_uid=study_uid)
     audit.corrected_seg_ingested("1.2.826.0.1.3680043.10.1.2", 1, study_uid=study_uid)
@@ -202,18 +190,33 @@ def test_full_flow_never_writes_patient_attributes(tmp_path: Path) -> None:
     assert not {k for k in keys if "patient" in k.lower() or "birth" in k.lower() or "name" in k.lower()}
 
 
-def test_auditing_sink_counts_only_recorded_and_flushes_on_force(tmp_path: Path) -> None:
+def test_auditing_sink_counts_only_recorded_and_survives_a_crash(tmp_path: Path) -> None:
+    """Rows recorded before an acknowledgement are audited even when the process dies before a flush."""
     path = tmp_path / "audit.jsonl"
     audit = AuditLog(path)
-    failing = AuditingSink(_FailingSink(), audit)
-    inst = StoredInstance("1.2.3", "1.2.3.1", "1.2.3.1.1", "1.2.840.10008.5.1.4.1.1.2", "CT", tmp_path / "x.dcm", 1, "PACS", "10.0.0.1")
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+
+    class _Failing:
+        def record(self, inst: StoredInstance) -> None:
+            raise RuntimeError("database down")
+
+    failing = AuditingSink(_Failing(), audit, store)
+    inst = StoredInstance("1.2.3", "1.2.3.1", "1.2.3.1.1", "1.2.840.10008.5.1.4.1.1.2", "CT", tmp_path / "x.dcm", 1,
+                          "PACS", "10.0.0.1")
     with pytest.raises(RuntimeError):
         failing.record(inst)
     assert failing.pending == 0
-    ok = AuditingSink(_ListSink(), audit, idle_s=3600)
-    ok.record(inst)
-    ok.record(StoredInstance("1.2.4", "1.2.4.1", "1.2.4.1.1", "1.2.840.10008.5.1.4.1.1.2", "CT", tmp_path / "y.dcm", 1, "PACS", "10.0.0.1"))
-    assert ok.flush() == 0
-    assert ok.flush(force=True) == 2
+    crashed = AuditingSink(StoreSink(store), audit, store)
+    crashed.record(inst)
+    crashed.record(StoredInstance("1.2.4", "1.2.4.1", "1.2.4.1.1", "1.2.840.10008.5.1.4.1.1.2", "CT",
+                                  tmp_path / "y.dcm", 1, "PACS", "10.0.0.1"))
+    del crashed  # the process dies: nothing was flushed
+    store.close()
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")  # the next start
+    restarted = AuditingSink(StoreSink(store), audit, store)
+    assert restarted.pending == 2
+    assert restarted.flush(force=True, backlog=True) == 2
     audit.close()
-    assert sorted(r["objects"][0]["study_instance_uid"] for r in _records(path)) == ["1.2.3", "1.2.4"]
+    records = _records(path)
+    assert sorted(r["objects"][0]["study_instance_uid"] for r in records) == ["1.2.3", "1.2.4"]
+    assert all(r["detail"]["backlog"] is True and r["participants"][1]["address"] == "10.0.0.1" for r in records)
