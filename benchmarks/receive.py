@@ -257,7 +257,7 @@ def run_node(src: Path, work: Path, pdu: int | None, variant: str, n: int) -> fl
             port=0,
             spool_dir=spool_dir,
             min_free_bytes=0,
-            maximum_pdu_size=16382 if variant == "raw-16k" else 0,
+            maximum_pdu_size=16382 if variant == "raw-16k" else 1 << 20,
             low_latency=variant in ("tuned", "final"),
             fast_store=variant == "final",
         )

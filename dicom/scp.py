@@ -81,7 +81,7 @@ from pynetdicom import (
     _config,
     evt,
 )
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 from dicom import fast_store, pynetdicom_compat, spool
@@ -1296,4 +1296,9 @@ class StoreSCP:
 
 
 def _on_c_echo(event: evt.Event) -> int:
+    # pynetdicom hands any request on the Verification context to this handler, a C-STORE
+    # naming the Verification SOP Class included: only a real C-ECHO succeeds.
+    if not isinstance(event.request, C_ECHO):
+        LOGGER.warning("Refusing a %s on the Verification context", type(event.request).__name__)
+        return STATUS_NOT_STORAGE
     return STATUS_SUCCESS

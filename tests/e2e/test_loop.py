@@ -5,6 +5,7 @@ DCMTK ``storescp`` plays the viewer, ``dciodvfy`` validates every object the nod
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -298,6 +299,11 @@ def test_kill_9_and_resume(tmp_path: Path, viewer, demo_models, kill_in: str) ->
         wait_for(lambda: bool(store.jobs()) and store.jobs()[0]["state"] == JobState.AWAITING_CORRECTION.value,
                  300, "the job to finish after restart")
         assert store.count_instances() == len(paths)
+        # Every acknowledged instance is in the audit trail, those acked before the kill too.
+        audit = tmp_path / "state" / "audit.jsonl"
+        wait_for(lambda: sum(r["detail"]["count"] - r["detail"]["duplicates"]
+                             for r in map(json.loads, audit.read_text().splitlines())
+                             if r["event"] == "instances_stored") == len(paths), 30, "every instance audited")
         wait_for(lambda: SEG in received(viewer_dir) and KOS in received(viewer_dir), 120, "outputs at the viewer")
         time.sleep(2.0)
         segs = received(viewer_dir)[SEG]

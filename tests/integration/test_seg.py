@@ -36,6 +36,7 @@ from dicom.codes import (
 from dicom.provenance import UidFactory, created_by_node
 from dicom.seg_reader import (
     SegGeometryError,
+    SegReadError,
     SegReferenceError,
     read_segmentation,
 )
@@ -542,6 +543,45 @@ def test_viewer_fractional_frames() -> None:
     seg = viewer_style_seg(case, [(k, 1, prob)], segments, seg_type="FRACTIONAL")
     result = read_segmentation(seg, case.datasets, default_segment_specs())
     np.testing.assert_array_equal(result.labels[k], (case.labels[k] >= 1).astype(np.uint8))
+
+
+def test_mistyped_fractional_rle_seg_from_dcmjs_is_read_as_binary() -> None:
+    """dcmjs-based viewers saved FRACTIONAL SEGs (max 255) with RLE that store 0/1: not empty."""
+    from pydicom.uid import RLELossless
+
+    case = make_ct_case()
+    frames = [(k, 1, (case.labels[k] >= 1).astype(np.uint8)) for k in (4, 5, 6)]
+    segments = [("organ", Code("123037004", "SCT", "Anatomical Structure"), LIVER)]
+    seg = viewer_style_seg(case, frames, segments, seg_type="FRACTIONAL")
+    assert seg.MaximumFractionalValue == 255
+    stack = np.frombuffer(seg.PixelData, np.uint8).reshape(3, case.labels.shape[1], case.labels.shape[2])
+    seg.compress(RLELossless, stack)
+    seg = _roundtrip(seg)
+    assert seg.file_meta.TransferSyntaxUID == RLELossless
+    result = read_segmentation(seg, case.datasets, default_segment_specs())
+    for k in (4, 5, 6):
+        np.testing.assert_array_equal(result.labels[k], (case.labels[k] >= 1).astype(np.uint8))
+    assert result.warnings and "mis-typed BINARY" in result.warnings[0]
+    # a genuine fractional SEG (values up to 255) is still thresholded at half, without a warning
+    genuine = viewer_style_seg(case, [(5, 1, np.where(case.labels[5] >= 1, 200, 40).astype(np.uint8))], segments,
+                               seg_type="FRACTIONAL")
+    result = read_segmentation(genuine, case.datasets, default_segment_specs())
+    assert not result.warnings
+    np.testing.assert_array_equal(result.labels[5], (case.labels[5] >= 1).astype(np.uint8))
+
+
+def test_seg_without_frames_or_pixel_data_is_unusable(ct_case: CtCase, uid_factory: UidFactory) -> None:
+    """An empty read must never pass for "the radiologist erased everything"."""
+    seg = _roundtrip(_node_seg(ct_case, uid_factory))
+    no_frames = copy.deepcopy(seg)
+    no_frames.NumberOfFrames = 0
+    del no_frames.PixelData
+    with pytest.raises(SegReadError, match="NumberOfFrames 0"):
+        read_segmentation(no_frames, ct_case.datasets, default_segment_specs())
+    no_pixels = copy.deepcopy(seg)
+    del no_pixels.PixelData
+    with pytest.raises(SegReadError, match="no Pixel Data"):
+        read_segmentation(no_pixels, ct_case.datasets, default_segment_specs())
 
 
 # -- SEGs that do not belong to the series -----------------------------------------------------
