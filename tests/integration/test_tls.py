@@ -195,6 +195,31 @@ def test_plain_tcp_client_refused(tls_scp: _Node, ct_files: list[Path]) -> None:
     assert tls_scp.observer.accepted_calls == []
 
 
+def test_refused_handshakes_are_reported_and_a_silent_client_blocks_no_one(
+    pki: Pki, tls_scp: _Node, ct_files: list[Path]
+) -> None:
+    import time
+
+    # A client that connects and never starts the handshake must not hold up the others
+    # (pynetdicom would handshake in its accept loop): the trusted client stores meanwhile.
+    silent = socket.create_connection(("127.0.0.1", tls_scp.scp.port))
+    try:
+        t0 = time.monotonic()
+        ctx = client_context(pki.ca, pki.client_cert, pki.client_key)
+        assert _store(tls_scp.scp.port, ct_files[0], ctx) == 0x0000
+        assert time.monotonic() - t0 < 4.0
+    finally:
+        silent.close()
+    # A plain-TCP client's failed handshake reaches the observer (the node's log and audit trail).
+    assert _store(tls_scp.scp.port, ct_files[1], None) is None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any("TLS handshake failed" in r for _, _, r in
+                                                  tls_scp.observer.rejected_calls):
+        time.sleep(0.05)
+    assert any(addr == "127.0.0.1" and "TLS handshake failed" in reason
+               for _, addr, reason in tls_scp.observer.rejected_calls), tls_scp.observer.rejected_calls
+
+
 def test_untrusted_client_certificate_refused(pki: Pki, tls_scp: _Node, ct_files: list[Path]) -> None:
     # The rogue client trusts our server, but its own certificate is from another CA.
     ctx = client_context(pki.ca, pki.rogue_cert, pki.rogue_key)
