@@ -483,7 +483,7 @@ class ReceivedHeader:
 
     @classmethod
     def from_raw(cls, values: Mapping[int, bytes]) -> ReceivedHeader:
-        """Build from raw element values keyed by tag (as :func:`dicom.header.scan_header`)."""
+        """Build from raw element values keyed by tag (as :func:`dicom.header.inspect_dataset` returns them)."""
 
         def text(keyword: str) -> str:
             return _raw_text(values.get(int(_TAGS[keyword])))
@@ -710,6 +710,18 @@ def _check_sop_class(request_class: str, context_class: str | None, dataset_clas
         raise DatasetRejected(STATUS_SOP_CLASS_MISMATCH, "Data set SOP Class differs from the request's")
 
 
+#: Storage SOP classes whose data sets must carry Pixel Data (Type 1).
+_IMAGE_SOP_CLASSES = frozenset(STORAGE_SOP_CLASSES) - {KeyObjectSelectionDocumentStorage}
+
+
+def _check_has_pixels(facts: DatasetFacts | None) -> None:
+    """An image cut off before its Pixel Data parses (a shorter data set) but is no image."""
+    if facts is None or facts.sop_class_uid not in _IMAGE_SOP_CLASSES:
+        return
+    if facts.pixel_data_length is None and not facts.encapsulated:
+        raise DatasetRejected(STATUS_DECODE_FAILED, "Malformed: an image without Pixel Data")
+
+
 def _check_pixels_decodable(fragments: Sequence[bytes | bytearray | memoryview], transfer_syntax: str,
                             facts: DatasetFacts | None) -> None:
     """Decode the first frame of a compressed image (the installed decoders must read it)."""
@@ -801,6 +813,7 @@ def store_instance(
             raise DatasetRejected(STATUS_TOO_LARGE, "Data set larger than the maximum size")
         header, facts = read_received_header(fragments, transfer_syntax, max_dataset_bytes=max_dataset_bytes)
         _check_sop_class(sop_class_uid, context_sop_class, header.sop_class_uid)
+        _check_has_pixels(facts)
         uids = _checked_uids(header)
         _check_pixels_decodable(fragments, transfer_syntax, facts)
     except DatasetRejected as exc:

@@ -321,6 +321,7 @@ def _malformed_bodies() -> dict[str, tuple[bytes, str]]:
     unclosed = raw[:raw.index(b"\x28\x00\x02\x00")] + seq  # cut before (0028,0002)
     return {
         "MR_truncated.dcm (pydicom test file)": (data[meta_end:], str(truncated_file.SOPInstanceUID)),
+        "an image cut off before its Pixel Data": (raw[:pixel], uid),
         "Pixel Data runs past the end": (past_end, uid),
         "a 4 GB length claim": (huge, uid),
         "Pixel Data shorter than the image": (short_pixels, uid),

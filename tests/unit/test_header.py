@@ -1,4 +1,4 @@
-"""Unit tests for dicom.header.scan_header (pure: data sets encoded with pydicom in memory)."""
+"""Unit tests for dicom.header.inspect_dataset (pure: data sets encoded with pydicom in memory)."""
 from __future__ import annotations
 
 import struct
@@ -12,7 +12,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage
 
-from dicom.header import LAST_TAG, HeaderError, HeaderScan, scan_header
+from dicom.header import HeaderError, inspect_dataset
 
 STUDY_UID = "1.2.826.0.1.3680043.10.1234.99.1"
 SERIES_UID = "1.2.826.0.1.3680043.10.1234.99.22"
@@ -104,7 +104,6 @@ def header_dataset() -> Dataset:
     ds.SeriesNumber = 3
     ds.AcquisitionNumber = 1
     ds.InstanceNumber = 17
-    # After (0020,0013): never part of the scan.
     ds.ImagePositionPatient = [-50.0, -50.0, 12.5]
     ds.Rows = 2
     ds.Columns = 2
@@ -122,21 +121,17 @@ def top_level_subset(ds: Dataset, predicate) -> Dataset:  # type: ignore[no-unty
     return out
 
 
-def header_part(ds: Dataset) -> Dataset:
-    return top_level_subset(ds, lambda tag: tag <= LAST_TAG)
-
-
 def sequence_tags(ds: Dataset) -> set[int]:
     return {int(elem.tag) for elem in ds if elem.VR == "SQ"}
 
 
 def expected_values(ds: Dataset, buf: bytes, implicit: bool) -> dict[int, bytes]:
-    """Raw values of every top-level non-sequence element up to (0020,0013), as pydicom reads them."""
+    """Raw values of every top-level non-sequence element, as pydicom reads them."""
     raw = read_dataset(BytesIO(buf), implicit, True)
     out: dict[int, bytes] = {}
     for elem in ds:
         tag = int(elem.tag)
-        if tag > LAST_TAG or elem.VR == "SQ":
+        if elem.VR == "SQ":
             continue
         raw_elem = raw.get_item(Tag(tag))
         assert isinstance(raw_elem.value, bytes)
@@ -174,223 +169,105 @@ def test_fixture_has_undefined_lengths(implicit: bool) -> None:
     assert back.SeriesDescription == "Thorax Übersicht"
 
 
-# -- full scans ------------------------------------------------------------------------
+# -- whole data sets -------------------------------------------------------------------
+
+
+def fragments(buf: bytes, *cuts: int) -> list[memoryview]:
+    """`buf` split at `cuts`, as views (how the fast path hands a received data set over)."""
+    view = memoryview(buf)
+    edges = [0, *cuts, len(buf)]
+    return [view[a:b] for a, b in zip(edges, edges[1:])]
 
 
 @VRS
-def test_values_equal_pydicom_and_end_is_next_element(implicit: bool) -> None:
+def test_values_equal_pydicom_and_the_walk_reaches_the_end(implicit: bool) -> None:
     ds = header_dataset()
     buf = encode(ds, implicit)
-    scan = scan_header(buf, implicit, wanted_for(ds))
-    assert isinstance(scan, HeaderScan)
-    assert scan.values == expected_values(ds, buf, implicit)
-
-    # end = offset of the first element after (0020,0013): (0020,0032) ImagePositionPatient.
-    assert scan.end == len(encode(header_part(ds), implicit))
-    assert struct.unpack_from("<HH", buf, scan.end) == (0x0020, 0x0032)
-
+    facts = inspect_dataset([buf], implicit, wanted_for(ds))
+    assert facts.values == expected_values(ds, buf, implicit)
+    assert facts.elements == len(ds)
     # Decoded values are the data set's (nested look-alikes are not picked up).
-    values = scan.values
+    values = facts.values
     assert values[0x0020000D].rstrip(b"\x00").decode("ascii") == STUDY_UID
     assert values[0x0020000E].rstrip(b"\x00").decode("ascii") == SERIES_UID
     assert values[0x00080018].rstrip(b"\x00").decode("ascii") == SOP_UID
-    assert values[0x00080016].rstrip(b"\x00").decode("ascii") == CTImageStorage
     assert values[0x00080060] == b"CT"
     assert values[0x0008103E].decode("latin-1").rstrip(" ") == "Thorax Übersicht"
-    assert values[0x00080005].rstrip(b" ") == b"ISO_IR 100"
-    assert int(values[0x00200011]) == 3
     assert int(values[0x00200013]) == 17
     assert values[0x00091010] == b"\x00\x01\x02\x20\x00\x08\x00\x0d"
-    assert values[0x00091011] == b"x" * 301 + b" "
     for tag in ABSENT_OR_NESTED:
         assert tag not in values
-    # Tags after (0020,0013) are never found even when wanted.
-    for tag in (0x00200032, 0x00280010, 0x7FE00010):
-        assert tag not in values
+    assert facts.sop_class_uid == CTImageStorage
+    assert (facts.rows, facts.columns, facts.pixel_data_length, facts.encapsulated) == (2, 2, 8, False)
 
 
 @VRS
-def test_only_wanted_tags_returned(implicit: bool) -> None:
+def test_only_wanted_tags_returned_and_any_fragmenting_gives_the_same_answer(implicit: bool) -> None:
     ds = header_dataset()
     buf = encode(ds, implicit)
-    scan = scan_header(buf, implicit, {0x0020000D, 0x00200013})
-    assert scan is not None
-    assert set(scan.values) == {0x0020000D, 0x00200013}
-    assert scan_header(buf, implicit, set()).values == {}  # type: ignore[union-attr]
-    assert scan_header(buf, implicit, set()).end == scan.end  # type: ignore[union-attr]
+    assert set(inspect_dataset([buf], implicit, {0x0020000D, 0x00200013}).values) == {0x0020000D, 0x00200013}
+    assert inspect_dataset([buf], implicit).values == {}
+    whole = inspect_dataset([buf], implicit, wanted_for(ds))
+    assert inspect_dataset([bytearray(buf)], implicit, wanted_for(ds)) == whole
+    for step in (1, 7, 64, 333):
+        cuts = list(range(step, len(buf), step))
+        assert inspect_dataset(fragments(buf, *cuts), implicit, wanted_for(ds)) == whole, step
 
 
 @VRS
 def test_defined_length_sequence_value_is_returned_raw(implicit: bool) -> None:
     ds = header_dataset()
     buf = encode(ds, implicit)
-    scan = scan_header(buf, implicit, {0x00081140, 0x00081110})
-    assert scan is not None
-    # The undefined-length sequence has no raw value to return.
-    assert 0x00081110 not in scan.values
-    only = top_level_subset(ds, lambda tag: tag == 0x00081140)
-    encoded = encode(only, implicit)
-    header_len = 8 if implicit else 12
-    assert scan.values[0x00081140] == encoded[header_len:]
+    facts = inspect_dataset([buf], implicit, {0x00081140, 0x00081110})
+    assert 0x00081110 not in facts.values  # undefined length: no raw value
+    raw = facts.values[0x00081140]
+    back = read_dataset(BytesIO(buf), implicit, True)
+    assert raw == back.get_item(Tag(0x00081140)).value if isinstance(back.get_item(Tag(0x00081140)).value, bytes) \
+        else len(raw) > 0
 
 
 @VRS
-def test_scan_of_memoryview_and_bytearray(implicit: bool) -> None:
+def test_every_truncation_inside_an_element_raises(implicit: bool) -> None:
     ds = header_dataset()
     buf = encode(ds, implicit)
-    wanted = wanted_for(ds)
-    expected = scan_header(buf, implicit, wanted)
-    assert scan_header(memoryview(buf), implicit, wanted) == expected
-    assert scan_header(bytearray(buf), implicit, wanted) == expected
-    # A view into a larger buffer (as a received PDU fragment is).
-    framed = b"\xaa" * 7 + buf + b"\xbb" * 5
-    assert scan_header(memoryview(framed)[7 : 7 + len(buf)], implicit, wanted) == expected
-
-
-@VRS
-def test_header_without_sequences_or_private(implicit: bool) -> None:
-    keep = {0x00080005, 0x00080018, 0x0020000D, 0x00200013, 0x00280010}
-    ds = top_level_subset(header_dataset(), keep.__contains__)
-    buf = encode(ds, implicit)
-    scan = scan_header(buf, implicit, wanted_for(ds))
-    assert scan is not None
-    assert scan.values == expected_values(ds, buf, implicit)
-    assert struct.unpack_from("<HH", buf, scan.end) == (0x0028, 0x0010)
-
-
-# -- truncated buffers -------------------------------------------------------------------
-
-
-def top_level_boundaries(ds: Dataset, implicit: bool) -> dict[int, int]:
-    """Offset of each top-level element -> its tag (plus the data set's length -> -1)."""
-    out: dict[int, int] = {}
-    for elem in ds:
-        tag = int(elem.tag)
-        out[len(encode(top_level_subset(ds, lambda t, tag=tag: t < tag), implicit))] = tag
-    out[len(encode(ds, implicit))] = -1
-    return out
-
-
-@VRS
-def test_every_prefix_incomplete_is_none_or_the_full_result(implicit: bool) -> None:
-    ds = header_dataset()
-    buf = encode(ds, implicit)
-    wanted = wanted_for(ds)
-    full = scan_header(buf, implicit, wanted)
-    assert full is not None
-    n_found = 0
-    for cut in range(0, full.end + 64):
-        got = scan_header(buf[:cut], implicit, wanted, complete=False)
-        if cut <= full.end:
-            # The buffer ends before the first element after (0020,0013): not enough.
-            assert got is None, cut
-        elif cut >= full.end + 12:
-            assert got == full, cut
-        else:
-            assert got is None or got == full, cut
-        n_found += got is not None
-    assert n_found >= 52
-
-
-@VRS
-def test_every_truncation_with_complete_raises(implicit: bool) -> None:
-    ds = header_dataset()
-    buf = encode(ds, implicit)
-    wanted = wanted_for(ds)
-    full = scan_header(buf, implicit, wanted)
-    assert full is not None
-    boundaries = top_level_boundaries(ds, implicit)
-    assert boundaries[full.end] == 0x00200032
-    n_raised = 0
-    for cut in range(1, full.end):
-        if cut in boundaries:
+    top_level = {len(encode(top_level_subset(ds, lambda t, e=int(elem.tag): t <= e), implicit)) for elem in ds}
+    for cut in range(1, len(buf)):
+        if cut in top_level:  # a shorter data set: fewer elements, no error
+            assert inspect_dataset([buf[:cut]], implicit).elements < len(ds)
             continue
         with pytest.raises(HeaderError):
-            scan_header(buf[:cut], implicit, wanted, complete=True)
-        n_raised += 1
-    assert n_raised > 500
+            inspect_dataset([buf[:cut]], implicit)
+        with pytest.raises(HeaderError):
+            inspect_dataset(fragments(buf[:cut], cut // 2), implicit)
 
 
 @VRS
-def test_data_set_ending_before_instance_number(implicit: bool) -> None:
-    ds = header_dataset()
-    buf = encode(ds, implicit)
-    wanted = wanted_for(ds)
-    expected = expected_values(ds, buf, implicit)
-    boundaries = top_level_boundaries(ds, implicit)
-    full_end = scan_header(buf, implicit, wanted).end  # type: ignore[union-attr]
-    checked = 0
-    for offset, next_tag in sorted(boundaries.items()):
-        if offset > full_end:
-            break
-        got = scan_header(buf[:offset], implicit, wanted, complete=True)
-        assert got is not None
-        if offset == full_end:
-            assert got.values == expected
-        else:
-            # A complete data set that stops here: everything before the cut, end = its length.
-            assert got.values == {t: v for t, v in expected.items() if t < next_tag}, hex(next_tag)
-            assert got.end == offset
-        checked += 1
-    assert checked >= 20
-
-    # A whole data set without (0020,0013) and nothing after it.
-    short = top_level_subset(ds, lambda tag: tag <= 0x00200011)
-    short_buf = encode(short, implicit)
-    got = scan_header(short_buf, implicit, wanted)
-    assert got is not None
-    assert got.end == len(short_buf)
-    assert got.values == {t: v for t, v in expected.items() if t <= 0x00200011}
-    assert 0x00200013 not in got.values
-    # The same bytes as a first fragment: the header may continue, so no answer yet.
-    assert scan_header(short_buf, implicit, wanted, complete=False) is None
-    # An empty data set.
-    assert scan_header(b"", implicit, wanted) == HeaderScan({}, 0)
-    assert scan_header(b"", implicit, wanted, complete=False) is None
-
-
-# -- malformed encodings -----------------------------------------------------------------
-
-
-def _one(tag: int, vr: str, value: object, implicit: bool) -> bytes:
-    ds = Dataset()
-    ds.add_new(tag, vr, value)
-    return encode(ds, implicit)
-
-
-@VRS
-def test_out_of_order_tags_raise(implicit: bool) -> None:
-    study = _one(0x0020000D, "UI", STUDY_UID, implicit)
-    sop = _one(0x00080018, "UI", SOP_UID, implicit)
-    number = _one(0x00200013, "IS", "5", implicit)
+def test_out_of_order_and_top_level_item_tags_raise(implicit: bool) -> None:
+    study = encode(top_level_subset(header_dataset(), lambda t: t == 0x0020000D), implicit)
+    sop = encode(top_level_subset(header_dataset(), lambda t: t == 0x00080018), implicit)
     with pytest.raises(HeaderError, match="out of order"):
-        scan_header(study + sop + number, implicit, {0x00080018})
+        inspect_dataset([study + sop], implicit)
     with pytest.raises(HeaderError, match="out of order"):
-        scan_header(study + sop + number, implicit, {0x00080018}, complete=False)
-    # A repeated tag is out of order too.
-    with pytest.raises(HeaderError, match="out of order"):
-        scan_header(sop + sop + number, implicit, {0x00080018})
-    # In order it scans.
-    scan = scan_header(sop + study + number, implicit, {0x00080018})
-    assert scan is not None
-    assert scan.values[0x00080018].rstrip(b"\x00") == SOP_UID.encode()
-    assert set(scan.values) == {0x00080018}
+        inspect_dataset([sop + sop], implicit)
+    with pytest.raises(HeaderError, match="top level"):
+        inspect_dataset([struct.pack("<HHL", 0xFFFE, 0xE000, 0)], implicit)
+    assert inspect_dataset([sop + study], implicit, {0x00080018}).elements == 2
 
 
 def test_undefined_length_on_a_non_sequence_explicit_vr_raises() -> None:
-    bad = struct.pack("<HH2sH", 0x0008, 0x0060, b"CS", 2) + b"CT"
-    bad += struct.pack("<HH2sHL", 0x0009, 0x1010, b"OB", 0, 0xFFFFFFFF) + b"\x00" * 16
+    bad = struct.pack("<HH2sH", 0x0008, 0x0060, b"CS", 0xFFFF)  # short VR: 0xFFFF is a length
+    with pytest.raises(HeaderError):
+        inspect_dataset([bad], False)
+    bad = struct.pack("<HH2sHL", 0x0009, 0x1010, b"OB", 0, 0xFFFFFFFF) + b"\x00" * 8
     with pytest.raises(HeaderError, match="undefined length"):
-        scan_header(bad, False, {0x00080060})
+        inspect_dataset([bad], False)
 
 
 def test_garbage_inside_an_undefined_length_sequence_raises() -> None:
-    # An undefined-length SQ whose content is not an item.
-    bad = struct.pack("<HH2sHL", 0x0008, 0x1110, b"SQ", 0, 0xFFFFFFFF)
-    bad += struct.pack("<HH2sH", 0x0008, 0x1150, b"UI", 4) + b"1.2\x00"
-    bad += struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    bad = (struct.pack("<HH2sHL", 0x0008, 0x1110, b"SQ", 0, 0xFFFFFFFF)
+           + struct.pack("<HHL", 0x0008, 0x0060, 2) + b"CT")
     with pytest.raises(HeaderError, match="expected an item"):
-        scan_header(bad, False, set())
+        inspect_dataset([bad], False)
 
 
 def _nested_implicit(depth: int) -> bytes:
@@ -412,13 +289,12 @@ def _nested_implicit(depth: int) -> bytes:
 
 def test_deep_nesting_within_limit_and_beyond() -> None:
     ok = _nested_implicit(10)
-    scan = scan_header(ok, True, {0x0020000D, 0x00080060})
-    assert scan is not None
-    assert scan.values == {0x0020000D: b"1.2\x00"}  # (0008,0060) only occurs nested
+    facts = inspect_dataset([ok], True, {0x0020000D, 0x00080060})
+    assert facts.values == {0x0020000D: b"1.2\x00"}  # (0008,0060) only occurs nested
     back = read_dataset(BytesIO(ok), True, True)
     assert back.StudyInstanceUID == "1.2"
     with pytest.raises(HeaderError, match="nested too deeply"):
-        scan_header(_nested_implicit(40), True, {0x0020000D})
+        inspect_dataset([_nested_implicit(40)], True, {0x0020000D})
 
 
 def test_explicit_un_of_undefined_length_has_implicit_items() -> None:
@@ -439,17 +315,14 @@ def test_explicit_un_of_undefined_length_has_implicit_items() -> None:
     after_ds = top_level_subset(header_dataset(), lambda t: t >= 0x00100010)
     buf = before + un + encode(after_ds, False)
     wanted = {0x0020000D, 0x0020000E, 0x00200013, 0x00081155}
-    scan = scan_header(buf, False, wanted)
-    assert scan is not None
-    assert scan.values[0x0020000D].rstrip(b"\x00") == STUDY_UID.encode()
-    assert scan.values[0x0020000E].rstrip(b"\x00") == SERIES_UID.encode()
-    assert int(scan.values[0x00200013]) == 17
-    assert 0x00081155 not in scan.values
-    assert struct.unpack_from("<HH", buf, scan.end) == (0x0020, 0x0032)
-    # Every prefix: never a wrong answer.
-    for cut in range(len(before), scan.end + 16):
-        got = scan_header(buf[:cut], False, wanted, complete=False)
-        assert got is None or got == scan
+    facts = inspect_dataset([buf], False, wanted)
+    assert facts.values[0x0020000D].rstrip(b"\x00") == STUDY_UID.encode()
+    assert facts.values[0x0020000E].rstrip(b"\x00") == SERIES_UID.encode()
+    assert int(facts.values[0x00200013]) == 17
+    assert 0x00081155 not in facts.values
+    for cut in range(len(before) + 1, len(before) + len(un)):  # every truncation inside the UN raises
+        with pytest.raises(HeaderError):
+            inspect_dataset([buf[:cut]], False, wanted)
 
 
 def _set_undefined_tag(ds: Dataset, tag: int) -> None:
@@ -466,6 +339,43 @@ def test_explicit_sv_uv_elements_are_skipped(tag: int, vr: str, value: int) -> N
     ds.add_new(tag, vr, value)
     buf = encode(ds, False)
     wanted = wanted_for(ds)
-    scan = scan_header(buf, False, wanted)
-    assert scan is not None
-    assert scan.values == expected_values(ds, buf, False)
+    facts = inspect_dataset([buf], False, wanted)
+    assert facts.values == expected_values(ds, buf, False)
+
+
+@VRS
+def test_pixel_data_length_must_match_the_image(implicit: bool) -> None:
+    ds = header_dataset()
+    ds.BitsAllocated = 16
+    ds.SamplesPerPixel = 1
+    assert inspect_dataset([encode(ds, implicit)], implicit).expected_pixel_bytes() == 8
+    ds.Rows = 3
+    with pytest.raises(HeaderError, match="Pixel Data holds 8 bytes"):
+        inspect_dataset([encode(ds, implicit)], implicit)
+    ds.Rows = 2
+    ds.NumberOfFrames = 2
+    with pytest.raises(HeaderError, match="make 16"):
+        inspect_dataset([encode(ds, implicit)], implicit)
+    del ds.NumberOfFrames
+    buf = encode(ds, implicit)  # pydicom refuses to write "two" as IS: splice it in by hand
+    at = buf.index(struct.pack("<HH", 0x0028, 0x0010))
+    frames = struct.pack("<HHL", 0x0028, 0x0008, 4) if implicit else struct.pack("<HH2sH", 0x0028, 0x0008, b"IS", 4)
+    with pytest.raises(HeaderError, match="Number of Frames"):
+        inspect_dataset([buf[:at] + frames + b"two " + buf[at:]], implicit)
+
+
+def test_encapsulated_pixel_data_is_walked_item_by_item() -> None:
+    ds = header_dataset()
+    del ds.PixelData
+    frame = b"\xff\xd8" + b"\x00" * 30 + b"\xff\xd9"
+    items = struct.pack("<HHL", 0xFFFE, 0xE000, 0) + struct.pack("<HHL", 0xFFFE, 0xE000, len(frame)) + frame
+    pixel = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) + items
+    good = encode(ds, False) + pixel + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    facts = inspect_dataset([good], False)
+    assert facts.encapsulated and facts.pixel_data_length is None
+    with pytest.raises(HeaderError):  # no sequence delimiter
+        inspect_dataset([encode(ds, False) + pixel], False)
+    bad = encode(ds, False) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) \
+        + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    with pytest.raises(HeaderError, match="undefined length"):
+        inspect_dataset([bad], False)
