@@ -28,7 +28,7 @@ from models.metrics import dice
 from node.cli import write_synthetic_study
 from node.demo import DEMO_MAX_SLICES, DEMO_MIN_DIST, correct_named_slices, slices_named_by_kos, viewer_style_seg
 from node.store import JobState
-from tests.fixtures.node_fixtures import dcmtk_env, storescu
+from tests.fixtures.node_fixtures import dcmtk_env, storescu, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk, pytest.mark.dciodvfy]
 
@@ -48,12 +48,7 @@ def free_port() -> int:
 
 
 def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.25) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(interval)
-    if not pred():
+    if not wait_until(pred, timeout, interval):
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 

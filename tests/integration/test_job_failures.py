@@ -24,6 +24,8 @@ from models.phantoms import make_phantom
 from node.demo import viewer_style_seg
 from node.store import JobState, instances
 
+from tests.fixtures.node_fixtures import wait_until
+
 pytestmark = pytest.mark.slow
 
 BAD_BIRTH_DATE = "1923-08-17"
@@ -38,13 +40,6 @@ def _study(tmp_path: Path) -> tuple[list[Path], list[pydicom.Dataset], np.ndarra
     return write_datasets(datasets, tmp_path / "study"), datasets, ph.labels
 
 
-def _wait(pred: Any, timeout: float = 60.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return bool(pred())
 
 
 def test_invalid_patient_values_neither_stop_the_job_nor_leak(
@@ -62,7 +57,7 @@ def test_invalid_patient_values_neither_stop_the_job_nor_leak(
     )
     paths, datasets, _ = _study(tmp_path)
     assert send_paths(paths, ae_title="I3NODE", host="127.0.0.1", port=app.port, calling_ae="PACS").ok
-    assert _wait(lambda: bool(app.sweep()) or bool(app.store.jobs()), 20)
+    assert wait_until(lambda: bool(app.sweep()) or bool(app.store.jobs()), 20)
     app.runner.run_once()
     (job,) = app.store.jobs()
     assert job["state"] == JobState.AWAITING_CORRECTION.value, job["reason"]

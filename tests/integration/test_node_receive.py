@@ -11,18 +11,11 @@ import pytest
 
 from dicom.series import load_series
 from node.store import JobState
-from tests.fixtures.node_fixtures import dcmtk_env, storescu
+from tests.fixtures.node_fixtures import dcmtk_env, storescu, wait_until
 
 pytestmark = pytest.mark.dcmtk
 
 
-def _wait(pred, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return bool(pred())
 
 
 def test_storescu_100_slices_durable_rows_and_identical_volume(node_factory, ct_series_dir) -> None:
@@ -73,7 +66,7 @@ def test_stable_sweep_creates_one_job_per_matching_series_and_late_instance_reop
     big, _ = ct_series_dir(n_slices=12, name="a", study_uid="1.2.3.4", series_uid="1.2.3.4.1")
     small, _ = ct_series_dir(n_slices=4, name="b", study_uid="1.2.3.4", series_uid="1.2.3.4.2")
     assert storescu(big + small, app.port).returncode == 0
-    assert _wait(lambda: len(app.store.jobs()) == 1), app.store.jobs()
+    assert wait_until(lambda: len(app.store.jobs()) == 1), app.store.jobs()
     job = app.store.jobs()[0]
     assert job["series_uid"] == "1.2.3.4.1" and job["state"] == JobState.QUEUED.value
     assert app.store.studies()[0]["state"] == "stable"
@@ -85,7 +78,7 @@ def test_stable_sweep_creates_one_job_per_matching_series_and_late_instance_reop
     assert app.store.has_instance(late and __import__("pydicom").dcmread(late[0]).SOPInstanceUID)
     study = app.store.studies()[0]
     assert study["reopened"] == 1
-    assert _wait(lambda: app.store.studies()[0]["state"] == "stable")
+    assert wait_until(lambda: app.store.studies()[0]["state"] == "stable")
     assert len(app.store.jobs()) == 1, "the late single-slice series does not match the rules"
 
 
