@@ -45,8 +45,9 @@ test-tools:
 
 # The tiny demo models are trained once (cached in .cache/demo-models) before the tests,
 # with progress, so that no test's time limit includes model training.
-# mypy (configured in pyproject.toml) runs first: a type error fails the target early.
+# ruff and mypy (configured in pyproject.toml) run first: a lint or type error fails early.
 test: $(STAMP) test-tools
+	$(VENV)/bin/ruff check node dicom models tests benchmarks
 	$(PY) -m mypy
 	$(VENV)/bin/i3node train demo-models
 	$(PY) -m pytest -q --durations=15

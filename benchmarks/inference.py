@@ -25,9 +25,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -178,7 +178,7 @@ def _naive_handler(spool_dir: Path, sink: SqliteSink):  # noqa: ANN202 - benchma
     """The 'before' handler: decode the dataset, save_as, fsync."""
     from pynetdicom import evt
 
-    def handle(event: "evt.Event") -> int:
+    def handle(event: evt.Event) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
         path = spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"

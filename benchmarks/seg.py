@@ -140,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         hd_path, t = _timed(hd_write, 1)
         times["hd_w"].append(t)
         gc.collect()
-        node_labels, t = _timed(lambda: node_read(node_path), 1)
+        node_labels, t = _timed(lambda p=node_path: node_read(p), 1)
         times["node_r"].append(t)
         gc.collect()
-        hd_labels, t = _timed(lambda: hd_read(hd_path), 1)
+        hd_labels, t = _timed(lambda p=hd_path: hd_read(p), 1)
         times["hd_r"].append(t)
     t_node_w, t_hd_w, t_node_r, t_hd_r = (statistics.median(times[k]) for k in ("node_w", "hd_w", "node_r", "hd_r"))
     if not (np.array_equal(node_labels, labels) and np.array_equal(hd_labels, labels)):

@@ -185,7 +185,7 @@ def build_reformatted_images(
     else:
         stored_all = np.rint(arr.astype(np.float64))
     info = np.iinfo(dtype)
-    when = content_datetime or _dt.datetime.now(_dt.timezone.utc)
+    when = content_datetime or _dt.datetime.now(_dt.UTC)
     date_str, time_str = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
 
     row_dir, col_dir, flip = _plane(geometry, axis_enum)

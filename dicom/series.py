@@ -696,7 +696,7 @@ def _slice_spacing(
             f"between {_describe(datasets[i])} at {along[i]:.3f} mm and {_describe(datasets[i + 1])} at "
             f"{along[i + 1]:.3f} mm ({gaps[i]:.4g} mm = {int(m)} x {typical:.4g} mm, "
             f"{int(m) - 1} slice(s) missing)"
-            for i, m in zip(off[:5].tolist(), multiples[:5].tolist())
+            for i, m in zip(off[:5].tolist(), multiples[:5].tolist(), strict=True)
         )
         more = f" and {off.size - 5} more gap(s)" if off.size > 5 else ""
         raise MissingSlicesError(

@@ -263,7 +263,7 @@ def build_ct_series(
     _check_uid("series_uid", series_uid)
     _check_uid("frame_of_reference_uid", for_uid)
 
-    when = study_datetime if study_datetime is not None else _dt.datetime.now(_dt.timezone.utc)
+    when = study_datetime if study_datetime is not None else _dt.datetime.now(_dt.UTC)
     date_str = when.strftime("%Y%m%d")
     time_str = when.strftime("%H%M%S")
     iop = [format_ds(v) for v in (*row, *col)]

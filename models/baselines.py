@@ -26,8 +26,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
-from scipy import sparse
+from scipy import ndimage, sparse
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 from scipy.sparse.linalg import cg

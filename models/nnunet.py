@@ -594,7 +594,7 @@ def _adapt(net: Any, modules: Sequence[Any], data: Any, target: Any, n_classes: 
         prm.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     spatial = tuple(int(s) for s in data.shape[1:])
-    size = [min(int(ps), s) for ps, s in zip(patch, spatial)]
+    size = [min(int(ps), s) for ps, s in zip(patch, spatial, strict=True)]
     reviewed = torch.nonzero(target >= 0)
     counts = torch.bincount(target[target >= 0], minlength=n_classes).float()
     weight = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
@@ -602,8 +602,8 @@ def _adapt(net: Any, modules: Sequence[Any], data: Any, target: Any, n_classes: 
     net.eval()
     for _ in range(steps):
         centre = reviewed[int(torch.randint(len(reviewed), (1,), generator=gen))]
-        lo = [int(min(max(int(c) - sz // 2, 0), s - sz)) for c, sz, s in zip(centre, size, spatial)]
-        sl = tuple(slice(a, a + sz) for a, sz in zip(lo, size))
+        lo = [int(min(max(int(c) - sz // 2, 0), s - sz)) for c, sz, s in zip(centre, size, spatial, strict=True)]
+        sl = tuple(slice(a, a + sz) for a, sz in zip(lo, size, strict=True))
         x = data[(slice(None), *sl)][None]
         y = target[sl][None]
         x = _pad_to(x, patch)
@@ -623,7 +623,7 @@ def _pad_to(x: Any, patch: Sequence[int], value: float = 0.0) -> Any:
     import torch
 
     pad: list[int] = []
-    for ps, s in reversed(list(zip(patch, x.shape[2:]))):
+    for ps, s in reversed(list(zip(patch, x.shape[2:], strict=True))):
         pad += [0, max(0, int(ps) - int(s))]
     return torch.nn.functional.pad(x, pad, value=value) if any(pad) else x
 

@@ -13,8 +13,8 @@ smooth fields, so a given seed gives the same anatomy at any resolution and ever
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -107,7 +107,7 @@ def _validate(shape: Sequence[int], spacing: Sequence[float]) -> tuple[tuple[int
     if len(shape) != 3:
         raise ValueError(f"shape must have 3 entries (z, y, x), got {tuple(shape)!r}")
     shp = tuple(int(s) for s in shape)
-    if any(s != s_in for s, s_in in zip(shp, shape)) or any(s < _MIN_EDGE for s in shp):
+    if any(s != s_in for s, s_in in zip(shp, shape, strict=True)) or any(s < _MIN_EDGE for s in shp):
         raise ValueError(f"shape entries must be integers >= {_MIN_EDGE}, got {tuple(shape)!r}")
     if len(spacing) != 3:
         raise ValueError(f"spacing must have 3 entries (z, y, x), got {tuple(spacing)!r}")

@@ -706,7 +706,7 @@ def train_refinement_model(
         if len(priors) != len(images):
             raise ValueError(f"priors: expected {len(images)} arrays (one per case), got {len(priors)}")
         raw_images = []
-        for i, (img, pr) in enumerate(zip(images, priors)):
+        for i, (img, pr) in enumerate(zip(images, priors, strict=True)):
             pr = np.asarray(pr, dtype=np.float32)
             if pr.shape != (len(names), *labels[i].shape):
                 raise ValueError(f"priors[{i}]: expected shape {(len(names), *labels[i].shape)}, got {pr.shape}")

@@ -35,8 +35,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -146,7 +146,7 @@ class NetworkOverrides:
             cum = [1, 1, 1]
             for _ in range(1, n):
                 s = [2 if self.patch_size[a] // (cum[a] * 2) >= self.min_bottleneck else 1 for a in range(3)]
-                cum = [c * f for c, f in zip(cum, s)]
+                cum = [c * f for c, f in zip(cum, s, strict=True)]
                 strides.append(s)
         total = [int(np.prod([s[a] for s in strides])) for a in range(3)]
         for a in range(3):
@@ -286,7 +286,7 @@ def write_raw_dataset(
         shutil.rmtree(ds_dir)
     (ds_dir / "imagesTr").mkdir(parents=True)
     (ds_dir / "labelsTr").mkdir(parents=True)
-    for i, (img, lab, sp) in enumerate(zip(images, labels, per_case)):
+    for i, (img, lab, sp) in enumerate(zip(images, labels, per_case, strict=True)):
         img = np.asarray(img)
         if img.ndim == 3:
             img = img[None]
@@ -819,7 +819,7 @@ def _run_children(task: str, arg_list: Sequence[Mapping[str, Any]], progress: Pr
         for p in procs:
             if p.stdout is not None:
                 p.stdout.close()
-    failed = [i for i, (rc, res) in enumerate(zip(codes, results)) if rc != 0 or res is None]
+    failed = [i for i, (rc, res) in enumerate(zip(codes, results, strict=True)) if rc != 0 or res is None]
     if failed:
         i = failed[0]
         raise TrainingError(f"{what} failed (exit code {codes[i]}); last output:\n" + "\n".join(tails[i]))

@@ -9,25 +9,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from dicom.codes import SegmentSpec, default_segment_specs, load_segment_specs
 from dicom.scp import InstanceConflict, ScpConfig, StoredInstance, StoreSCP
 from dicom.values import quiet_pydicom
 from node import systemd
 from node.audit import AuditingSink, AuditLog, AuditObserver
-from node.metrics import CountingSink, Metrics, MetricsServer
-from node.retention import purge_once
-from node.tls import client_context, server_context
 from node.exporter import Exporter, OutputFile, register_outputs
+from node.metrics import CountingSink, Metrics, MetricsServer
 from node.pipeline import SEG_SOP_CLASS, PipelineContext, Refiner, Segmenter
+from node.retention import purge_once
 from node.runner import JobRunner
+from node.scheduler import NodeScheduler
 from node.settings import Settings
 from node.store import InstanceRecord, Store, instances
 from node.studies import sweep_stable_studies
-from node.scheduler import NodeScheduler
+from node.tls import client_context, server_context
 
 __all__ = ["App", "build_app", "allowed_callers_map", "StoreSink"]
 

@@ -26,7 +26,6 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,7 +79,7 @@ def _code(c: _Code | None) -> dict[str, str] | None:
 
 
 def _utc_iso(t: float) -> str:
-    return _dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc).isoformat(timespec="milliseconds").replace(
+    return _dt.datetime.fromtimestamp(t, tz=_dt.UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z"
     )
 

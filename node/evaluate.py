@@ -208,7 +208,7 @@ def write_report(result: EvalResult, out_dir: Path, *, meta: dict[str, Any], con
            "summary": [{k: _clean(v) for k, v in s.items()} for s in summary]}
     paths["json"].write_text(json.dumps(doc, indent=1))
     cfg = config.configured
-    head = [f"# i3node evaluate\n",
+    head = ["# i3node evaluate\n",
             f"{meta.get('cases', '?')} cases ({meta.get('source', '')}); presegmentation {meta.get('preseg_dir', '')}; "
             f"refinement model {meta.get('refine_dir', '') or 'none'}; the node delivers `{meta.get('node_method', '')}`. "
             f"Dice mean ± sd; off-plane = voxels on no reviewed slice; plane share = share of the class's voxels "
@@ -236,7 +236,7 @@ def write_dice_png(summary: Sequence[dict[str, Any]], class_names: Sequence[str]
     fg = list(class_names[1:])
     fig, axes = plt.subplots(1, len(fg), figsize=(5.5 * len(fg), 4.2), squeeze=False)
     refiners = sorted({s["refiner"] for s in summary if s["selection"] == selection})
-    for ax, cls in zip(axes[0], fg):
+    for ax, cls in zip(axes[0], fg, strict=True):
         for ref in refiners:
             pts = sorted((s["planes"], s["dice"], s["dice_sd"], s["annotation_ratio"]) for s in summary
                          if s["selection"] == selection and s["refiner"] == ref and s["class"] == cls)
@@ -277,7 +277,7 @@ def write_panel_png(panel: dict[str, Any], path: Path, *, setting: Setting) -> P
     lo, hi = np.percentile(image, [1, 99])
     colours = ["tab:blue", "gold", "tab:green", "tab:purple"]
     truth = labels.get("truth")
-    for ax, (name, lab) in zip(axes.ravel(), labels.items()):
+    for ax, (name, lab) in zip(axes.ravel(), labels.items(), strict=False):
         ax.imshow(image, cmap="gray", vmin=lo, vmax=hi)
         overlay = np.zeros((*lab.shape, 4))
         for k in range(1, int(max(lab.max(), 1)) + 1):

@@ -25,9 +25,10 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -208,7 +209,7 @@ def register_outputs(
         new = [
             dict(sop_uid=o.sop_uid, job_id=job_id, version=version, kind=k.value, series_uid=o.series_uid,
                  path=str(o.path), created_at=now)
-            for o, k in zip(outputs, kinds)
+            for o, k in zip(outputs, kinds, strict=True)
             if o.sop_uid not in known
         ]
         if new:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import pydicom
@@ -28,9 +29,9 @@ from pydicom.dataset import Dataset
 
 from dicom.codes import SegmentSpec
 from dicom.provenance import UidFactory
-from dicom.series import SeriesError, Volume, load_series, sort_datasets
 from dicom.seg_reader import SegReadError, read_segmentation
 from dicom.seg_writer import SegKind, build_segmentation
+from dicom.series import SeriesError, Volume, load_series, sort_datasets
 from dicom.spool import durable_write
 from dicom.values import sanitize_header
 from models.acquisition import planes_per_axis, select_slices, select_slices_uss, slice_scores

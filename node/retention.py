@@ -45,7 +45,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from dicom import spool as _spool
-from node.store import Store, corrections, deliveries, instances, jobs, outputs, series, studies
+from node.store import Store, corrections, deliveries, instances, jobs, outputs, studies
 
 __all__ = [
     "DAY_S",

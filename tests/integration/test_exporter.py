@@ -10,8 +10,8 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pydicom
@@ -120,7 +120,7 @@ def make_outputs(tmp_path: Path) -> Callable[[int], list[OutputFile]]:
         datasets = build_ct_series(image, (2.0, 1.0, 1.0))
         paths = write_datasets(datasets, tmp_path / f"outputs-{k}")
         return [
-            OutputFile(str(ds.SOPInstanceUID), "seg", str(ds.SeriesInstanceUID), p) for ds, p in zip(datasets, paths)
+            OutputFile(str(ds.SOPInstanceUID), "seg", str(ds.SeriesInstanceUID), p) for ds, p in zip(datasets, paths, strict=True)
         ]
 
     return make

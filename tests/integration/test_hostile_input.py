@@ -25,7 +25,6 @@ from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
-    generate_uid,
 )
 
 from dicom.scp import (

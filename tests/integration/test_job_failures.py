@@ -8,7 +8,6 @@ the exception text of third-party code.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from dicom.synthetic import build_ct_series, write_datasets
 from models.phantoms import make_phantom
 from node.demo import viewer_style_seg
 from node.store import JobState, instances
-
 from tests.fixtures.node_fixtures import wait_until
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom import spool
 from dicom.scp import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, ScpConfig, StoredInstance, StoreSCP

@@ -11,15 +11,15 @@ import ssl
 import subprocess
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom.scp import ScpConfig, StoredInstance, StoreSCP
 from dicom.synthetic import build_ct_series, write_datasets

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from models.baselines import graph_cut_refine, random_walker_refine, watershed_refine
-from models.refinement import reviewed_mask
 from models.metrics import dice_per_class
 from models.phantoms import make_phantom
+from models.refinement import reviewed_mask
 
 
 @pytest.fixture(scope="module")

@@ -176,7 +176,7 @@ def fragments(buf: bytes, *cuts: int) -> list[memoryview]:
     """`buf` split at `cuts`, as views (how the fast path hands a received data set over)."""
     view = memoryview(buf)
     edges = [0, *cuts, len(buf)]
-    return [view[a:b] for a, b in zip(edges, edges[1:])]
+    return [view[a:b] for a, b in zip(edges, edges[1:], strict=False)]
 
 
 @VRS

@@ -5,9 +5,9 @@ import ast
 from pathlib import Path
 
 import dicom
+from node.app import allowed_callers_map
 from node.settings import SelectionRule
 from node.studies import select_series, series_matches
-from node.app import allowed_callers_map
 
 REPO = Path(__file__).resolve().parents[2]
 CT = "1.2.840.10008.5.1.4.1.1.2"
