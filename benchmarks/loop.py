@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.uid import SegmentationStorage
 
 REPO = Path(__file__).resolve().parents[1]
-SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+SEG = str(SegmentationStorage)
 
 
 def _wait(pred: Any, timeout: float) -> float:
@@ -48,8 +49,14 @@ def one_round(models: Any, shape: tuple[int, int, int], seed: int, workdir: Path
     from dicom.scu import send_datasets, send_paths
     from dicom.seg_reader import read_segmentation
     from node.app import build_app
-    from node.cli import write_synthetic_study
-    from node.demo import ViewerInbox, correct_named_slices, demo_settings, slices_named_by_kos, viewer_style_seg
+    from node.demo import (
+        ViewerInbox,
+        correct_named_slices,
+        demo_settings,
+        slices_named_by_kos,
+        viewer_style_seg,
+        write_synthetic_study,
+    )
 
     paths, gt_file = write_synthetic_study(workdir / "study", seed=seed, shape=shape)
     gt = np.load(gt_file)["labels"]

@@ -53,7 +53,7 @@ __all__ = [
     "sort_datasets",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Single-frame image storage SOP classes that :func:`load_series` accepts.
 SUPPORTED_SOP_CLASSES: frozenset[str] = frozenset(
@@ -494,7 +494,7 @@ def load_series(
         frame_of_reference_uid=distinct_fors[0],
         modality=modality,
     )
-    logger.debug(
+    log.debug(
         "assembled series %s: %d slices, shape %s, spacing %s mm",
         series_uid,
         len(datasets),

@@ -62,7 +62,7 @@ __all__ = [
     "HELD_OUT_SEED",
 ]
 
-_log = logging.getLogger("models.demo")
+log = logging.getLogger(__name__)
 
 #: Bump to invalidate every cached presegmentation model (training recipe changed).
 _PRESEG_VERSION = "2"
@@ -252,7 +252,7 @@ def _cached_build(entry: Path, force: bool, progress: ProgressCallback | None, w
 
 
 def _emit(progress: ProgressCallback | None, event: ProgressEvent) -> None:
-    emit(progress, event, _log)
+    emit(progress, event, log)
 
 
 def refinement_phantoms(spec: DemoSpec) -> list[Any]:

@@ -48,7 +48,7 @@ __all__ = [
     "summarise",
 ]
 
-_log = logging.getLogger("models.evaluation")
+log = logging.getLogger(__name__)
 
 SELECTIONS = ("i3deep", "uss", "random", "equidistant")
 """Slice-selection strategies :func:`choose_planes` knows."""
@@ -316,7 +316,7 @@ def evaluate(
             emit(progress, ProgressEvent(
                 "evaluate", f"case {ci + 1}{'/' + str(n_cases) if n_cases else ''} {case.name}: "
                 f"{setting.selection} x {setting.planes} planes ({time.perf_counter() - t_start:.0f} s)",
-                done / total if total else None), _log)
+                done / total if total else None), log)
     return result
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 __all__ = ["ModelError", "MemberInfo", "EnsemblePredictor", "bare_predictor", "find_folds"]
 
-_log = logging.getLogger("models.nnunet")
+log = logging.getLogger(__name__)
 
 
 class ModelError(RuntimeError):
@@ -77,7 +77,7 @@ def _quiet() -> Iterator[None]:
     finally:
         text = buf.getvalue().strip()
         if text:
-            _log.debug("nnU-Net: %s", text)
+            log.debug("nnU-Net: %s", text)
 
 
 def find_folds(model_dir: Path, checkpoint: str = "checkpoint_final.pth") -> list[int | str]:

@@ -20,7 +20,6 @@ importable by every process that runs inference).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,12 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from models.checkpoints import finalize_for_inference
 from models.progress import ProgressEvent
 
 __all__ = ["nnUNetTrainer_i3nodeTiny", "nnUNetTrainer_i3nodeRefine", "finalize_for_inference"]
 
-_log = logging.getLogger("models.nnunet_trainers")
+log = logging.getLogger(__name__)
 
 
 class nnUNetTrainer_i3nodeTiny(nnUNetTrainer):  # noqa: N801 - nnU-Net naming convention
@@ -115,7 +115,7 @@ class nnUNetTrainer_i3nodeTiny(nnUNetTrainer):  # noqa: N801 - nnU-Net naming co
             super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
         text = " ".join(str(a) for a in args).strip()
         if text:
-            _log.debug("%s", text)
+            log.debug("%s", text)
 
     def plot_network_architecture(self) -> None:
         return None
@@ -254,37 +254,3 @@ def _insert_before_ds(compose: Any, transform: Any) -> Any:
 
 def _no_plot(*_args: Any, **_kwargs: Any) -> None:
     return None
-
-
-def finalize_for_inference(fold_dir: Path, inference_trainer_name: str = "nnUNetTrainer") -> list[Path]:
-    """Make the checkpoints of one fold folder loadable without the training trainer class.
-
-    Rewrites ``trainer_name`` in every ``checkpoint_*.pth`` in ``fold_dir`` to
-    ``inference_trainer_name`` (a trainer that nnU-Net finds in its own package and that
-    builds the same network) and records the original name under ``"i3node_trained_with"``.
-    The rewrite goes through a temporary file and ``os.replace``; it is idempotent.
-
-    Parameters
-    ----------
-    fold_dir
-        A ``fold_*`` folder of an nnU-Net results folder.
-    inference_trainer_name
-        Trainer class name to store.
-
-    Returns
-    -------
-    list of Path
-        The checkpoints that were rewritten (already-final ones are skipped).
-    """
-    rewritten: list[Path] = []
-    for ckpt_path in sorted(Path(fold_dir).glob("checkpoint_*.pth")):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt.get("trainer_name") == inference_trainer_name:
-            continue
-        ckpt.setdefault("i3node_trained_with", ckpt.get("trainer_name"))
-        ckpt["trainer_name"] = inference_trainer_name
-        tmp = ckpt_path.with_suffix(".pth.tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, ckpt_path)
-        rewritten.append(ckpt_path)
-    return rewritten

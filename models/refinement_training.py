@@ -81,7 +81,7 @@ __all__ = [
     "train_refinement_model",
 ]
 
-_log = logging.getLogger("models.refinement_training")
+log = logging.getLogger(__name__)
 
 TRAINER_SPEC = "models.nnunet_trainers:nnUNetTrainer_i3nodeRefine"
 """``module:ClassName`` of the refinement trainer, for ``models.training.train_folds``."""
@@ -699,7 +699,7 @@ def train_refinement_model(
     if len(channel_names) != n_img:
         raise ValueError(f"channel_names: {len(channel_names)} name(s) for {n_img} image channel(s)")
     if any(str(c).casefold() == NO_NORM.casefold() for c in channel_names):
-        _log.warning("image channel named %r: the layout is then read from the 'i3node' key only", NO_NORM)
+        log.warning("image channel named %r: the layout is then read from the 'i3node' key only", NO_NORM)
     layout = InputLayout(names, n_img, priors is not None, encoding, bool(distance))
     raw_images: list[np.ndarray] = images
     if priors is not None:
@@ -760,7 +760,7 @@ def train_refinement_model(
         shutil.rmtree(pre, ignore_errors=True)
     total_s = time.perf_counter() - t0
     emit(progress, ProgressEvent("done", f"refinement model ({layout.describe()}) in {model_dir}", 1.0,
-                                 {"seconds": total_s, "train_seconds": train_s}), _log)
+                                 {"seconds": total_s, "train_seconds": train_s}), log)
     return Path(model_dir)
 
 

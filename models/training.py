@@ -21,7 +21,7 @@ extra correction channels and its own trainer subclass):
    preprocessing of one configuration;
 3. :func:`train_folds` - train folds with a trainer class (default
    ``models.nnunet_trainers.nnUNetTrainer_i3nodeTiny``), then make the checkpoints loadable
-   without that trainer (``models.nnunet_trainers.finalize_for_inference``).
+   without that trainer (``models.checkpoints.finalize_for_inference``).
 """
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ __all__ = [
     "DEFAULT_TRAINER",
 ]
 
-_log = logging.getLogger("models.training")
+# Named explicitly: this module also runs as ``python -m models.training`` (then __name__ is __main__).
+log = logging.getLogger("models.training")
 
 #: Trainer used when none is given, as ``"module:ClassName"``.
 DEFAULT_TRAINER = "models.nnunet_trainers:nnUNetTrainer_i3nodeTiny"
@@ -193,7 +194,7 @@ def nnunet_environment(
 
 
 @contextlib.contextmanager
-def _quiet(logger: logging.Logger = _log) -> Iterator[None]:
+def _quiet(logger: logging.Logger = log) -> Iterator[None]:
     """Capture Python-level stdout of nnU-Net calls and forward it to ``logger`` at DEBUG."""
     buf = io.StringIO()
     try:
@@ -215,7 +216,7 @@ def dataset_name(dataset_id: int, name: str) -> str:
 
 
 def _emit(progress: ProgressCallback | None, event: ProgressEvent) -> None:
-    emit(progress, event, _log)
+    emit(progress, event, log)
 
 
 # --------------------------------------------------------------------------- raw dataset
@@ -597,7 +598,7 @@ def _train_folds_here(
         import torch
         from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
 
-        from models.nnunet_trainers import finalize_for_inference
+        from models.checkpoints import finalize_for_inference
 
         if os.environ.get("I3NODE_TORCH_THREADS"):
             torch.set_num_threads(int(os.environ["I3NODE_TORCH_THREADS"]))
@@ -810,7 +811,7 @@ def _run_children(task: str, arg_list: Sequence[Mapping[str, Any]], progress: Pr
             else:
                 tails[i].append(line)
                 del tails[i][:-40]
-                _log.debug("nnU-Net child %d: %s", i, line)
+                log.debug("nnU-Net child %d: %s", i, line)
     finally:
         for p in procs:
             if p.poll() is None and open_streams:

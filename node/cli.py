@@ -21,7 +21,7 @@ from node.settings import Settings, SettingsError, load_settings
 
 __all__ = ["main", "parse_peer"]
 
-log = logging.getLogger("i3node")
+log = logging.getLogger(__name__)
 
 _PEER_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>[0-9]{1,5})$")
 
@@ -270,32 +270,11 @@ def _shape(text: str) -> tuple[int, int, int]:
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
-def write_synthetic_study(
-    out: Path, *, seed: int, shape: tuple[int, int, int], descending: bool = False
-) -> tuple[list[Path], Path]:
-    """Write a seeded synthetic CT study: DICOM files under ``out/dicom`` and labels in ``out/ground_truth.npz``."""
-    import numpy as np
-
-    from dicom.synthetic import PatientInfo, build_ct_series, write_datasets
-    from models.phantoms import make_phantom
-
-    ph = make_phantom(seed, shape=shape)
-    datasets = build_ct_series(
-        ph.image,
-        ph.spacing,
-        patient=PatientInfo(id=f"I3N-{seed:04d}"),
-        series_description="Synthetic CT (i3node phantom)",
-        descending=descending,
-    )
-    paths = write_datasets(datasets, out / "dicom")
-    gt = out / "ground_truth.npz"
-    np.savez_compressed(gt, labels=ph.labels, spacing=np.asarray(ph.spacing), class_names=np.asarray(ph.class_names))
-    return paths, gt
-
-
 def cmd_make_study(args: argparse.Namespace) -> int:
     """Write a synthetic CT study with ground truth."""
     out = Path(args.out)
+    from node.demo import write_synthetic_study
+
     paths, gt = write_synthetic_study(out, seed=args.seed, shape=args.shape, descending=args.descending)
     sys.stdout.write(
         f"wrote {len(paths)} CT instances to {out / 'dicom'} and ground truth to {gt}\n"

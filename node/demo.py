@@ -26,15 +26,25 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import KeyObjectSelectionDocumentStorage, SegmentationStorage
 
 from dicom.scp import ScpConfig, StoredInstance, StoreSCP
 from node.settings import Settings, settings_from_mapping
 
-__all__ = ["DemoReport", "run_demo", "demo_settings", "ViewerInbox", "slices_named_by_kos", "correct_named_slices", "viewer_style_seg"]
+__all__ = [
+    "DemoReport",
+    "ViewerInbox",
+    "correct_named_slices",
+    "demo_settings",
+    "run_demo",
+    "slices_named_by_kos",
+    "viewer_style_seg",
+    "write_synthetic_study",
+]
 
 Progress = Callable[..., None]
-KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+KOS_SOP_CLASS = str(KeyObjectSelectionDocumentStorage)
+SEG_SOP_CLASS = str(SegmentationStorage)
 DEFAULT_SIZE = (32, 64, 64)
 DEMO_MAX_SLICES = 4
 DEMO_MIN_DIST = 0.1
@@ -142,6 +152,27 @@ def demo_settings(workdir: Path, viewer_port: int, preseg_dir: Path, refine_dir:
         },
         base_dir=Path.cwd(),
     )
+
+
+def write_synthetic_study(
+    out: Path, *, seed: int, shape: tuple[int, int, int], descending: bool = False
+) -> tuple[list[Path], Path]:
+    """Write a seeded synthetic CT study: DICOM files under ``out/dicom`` and labels in ``out/ground_truth.npz``."""
+    from dicom.synthetic import PatientInfo, build_ct_series, write_datasets
+    from models.phantoms import make_phantom
+
+    ph = make_phantom(seed, shape=shape)
+    datasets = build_ct_series(
+        ph.image,
+        ph.spacing,
+        patient=PatientInfo(id=f"I3N-{seed:04d}"),
+        series_description="Synthetic CT (i3node phantom)",
+        descending=descending,
+    )
+    paths = write_datasets(datasets, out / "dicom")
+    gt = out / "ground_truth.npz"
+    np.savez_compressed(gt, labels=ph.labels, spacing=np.asarray(ph.spacing), class_names=np.asarray(ph.class_names))
+    return paths, gt
 
 
 def _wait(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
@@ -256,7 +287,6 @@ def run_demo(
     """Run the whole loop and return its report (a failed step is reported, not raised)."""
     from models.demo import build_demo_models
     from node.app import build_app
-    from node.cli import write_synthetic_study
 
     say = progress or (lambda *a: None)
     workdir = workdir.resolve()

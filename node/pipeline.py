@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import SegmentationStorage
 
 from dicom.codes import SegmentSpec
 from dicom.provenance import UidFactory
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 
 AXIS_NAMES = {0: "axial", 1: "coronal", 2: "sagittal"}
 AXIS_INDEX = {v: k for k, v in AXIS_NAMES.items()}
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SEG_SOP_CLASS = str(SegmentationStorage)
 
 
 class Segmenter(Protocol):

@@ -26,8 +26,14 @@ from dicom.provenance import UidFactory
 from dicom.seg_reader import read_segmentation
 from dicom.validate import dciodvfy
 from models.metrics import dice
-from node.cli import write_synthetic_study
-from node.demo import DEMO_MAX_SLICES, DEMO_MIN_DIST, correct_named_slices, slices_named_by_kos, viewer_style_seg
+from node.demo import (
+    DEMO_MAX_SLICES,
+    DEMO_MIN_DIST,
+    correct_named_slices,
+    slices_named_by_kos,
+    viewer_style_seg,
+    write_synthetic_study,
+)
 from node.store import JobState
 from tests.fixtures.node_fixtures import dcmtk_env, storescu, wait_until
 
