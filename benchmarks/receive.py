@@ -234,7 +234,7 @@ def run_node(src: Path, work: Path, pdu: int | None, variant: str, n: int) -> fl
     if variant == "naive":
         from pynetdicom import AE, evt
 
-        from dicom.scp import quiet_pynetdicom
+        from dicom.pynetdicom_compat import quiet_pynetdicom
 
         quiet_pynetdicom()
         ae = AE("I3NODE")

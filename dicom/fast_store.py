@@ -16,9 +16,8 @@ below that layer:
 
 Every other message (C-ECHO, a request with an unexpected command set, a message on a
 non-storage context) and every other PDU (release, abort) is passed through to pynetdicom
-unchanged, in order. :func:`install` hooks the assembler into an accepted pynetdicom
-association; it relies on pynetdicom internals and declines (returns ``False``) when they
-are not as expected, leaving the association on pynetdicom's regular path.
+unchanged, in order. :func:`dicom.pynetdicom_compat.install_fast_store` hooks the assembler into an accepted
+pynetdicom association (this module itself never touches pynetdicom).
 
 What the fast path does not do: it does not trigger pynetdicom's ``EVT_DATA_RECV``,
 ``EVT_PDU_RECV``, ``EVT_DIMSE_RECV`` or ``EVT_C_STORE`` events for the messages it handles
@@ -27,12 +26,11 @@ What the fast path does not do: it does not trigger pynetdicom's ``EVT_DATA_RECV
 from __future__ import annotations
 
 import logging
-import select
-import ssl
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from dicom.values import pad_even
 
 __all__ = [
     "FastStoreError",
@@ -42,12 +40,11 @@ __all__ = [
     "encode_c_store_rsp",
     "encode_command_pdus",
     "encode_p_data_tf",
-    "install",
     "parse_store_request",
     "split_pdvs",
 ]
 
-LOGGER = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: PDU type of P-DATA-TF (PS3.8 9.3.5).
 P_DATA_TF = 0x04
@@ -233,11 +230,6 @@ def _implicit(element: int, value: bytes) -> bytes:
     return struct.pack("<HHL", 0x0000, element, len(value)) + value
 
 
-def _pad(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii", "replace")
-    return raw + pad if len(raw) % 2 else raw
-
-
 def encode_c_store_rsp(
     message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int, comment: str = ""
 ) -> bytes:
@@ -262,15 +254,15 @@ def encode_c_store_rsp(
         The encoded command set including its group length.
     """
     parts = [
-        _implicit(_AFFECTED_SOP_CLASS, _pad(sop_class_uid, b"\x00")),
+        _implicit(_AFFECTED_SOP_CLASS, pad_even(sop_class_uid, b"\x00")),
         _implicit(_COMMAND_FIELD, struct.pack("<H", C_STORE_RSP)),
         _implicit(_MESSAGE_ID_RESPONDED, struct.pack("<H", message_id)),
         _implicit(_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
         _implicit(_STATUS, struct.pack("<H", status)),
     ]
     if comment:
-        parts.append(_implicit(_ERROR_COMMENT, _pad(comment[:64], b" ")))
-    parts.append(_implicit(_AFFECTED_SOP_INSTANCE, _pad(sop_instance_uid, b"\x00")))
+        parts.append(_implicit(_ERROR_COMMENT, pad_even(comment[:64], b" ")))
+    parts.append(_implicit(_AFFECTED_SOP_INSTANCE, pad_even(sop_instance_uid, b"\x00")))
     body = b"".join(parts)
     return _implicit(_GROUP_LENGTH, struct.pack("<L", len(body))) + body
 
@@ -395,7 +387,7 @@ class StoreAssembler:
             if is_command or context_id != self._command_context:
                 # Protocol violation: a new message before the data set ended. Drop the
                 # partial instance (nothing was written) and let pynetdicom judge the rest.
-                LOGGER.warning(
+                log.warning(
                     "C-STORE data set interrupted by another message; partial instance dropped"
                 )
                 self._reset()
@@ -460,7 +452,7 @@ class StoreAssembler:
         try:
             status, comment = self._store(request, fragments)
         except Exception:
-            LOGGER.exception("C-STORE of %s: storing failed", request.sop_instance_uid)
+            log.exception("C-STORE of %s: storing failed", request.sop_instance_uid)
             status, comment = self._failure_status, "Processing failure"
         command = encode_c_store_rsp(
             request.message_id, request.sop_class_uid, request.sop_instance_uid, status, comment
@@ -476,147 +468,3 @@ class StoreAssembler:
         self._held = []
         self._request = None
         self._fragments = []
-
-
-#: How long the fast reader waits for the peer's next PDU before handing control back to
-#: pynetdicom's reactor (which then polls); bounds how late a locally queued primitive
-#: (an abort from :meth:`StoreSCP.stop`) is sent.
-FOLLOW_WAIT_S = 0.005
-
-
-def _readable(sock: Any, timeout: float) -> bool:
-    raw = sock.socket
-    if raw is None:
-        return False
-    if isinstance(raw, ssl.SSLSocket) and raw.pending():
-        return True
-    try:
-        ready, _, _ = select.select([raw], [], [], timeout)
-    except (OSError, ValueError):
-        return False
-    return bool(ready)
-
-
-def install(
-    assoc: Any,
-    storage_sop_classes: Iterable[str],
-    store: Callable[[StoreRequest, str, Sequence[memoryview]], tuple[int, str]],
-    max_dataset_bytes: int = 0,
-) -> StoreAssembler | None:
-    """Put an accepted pynetdicom association's C-STOREs on the fast path.
-
-    Replaces the association's DUL ``_read_pdu_data`` with a reader that feeds P-DATA-TF
-    PDUs (in state Sta6, data transfer) to a :class:`StoreAssembler` and passes everything
-    else, and every item the assembler does not consume, on to pynetdicom exactly as its
-    own reader would.
-
-    Parameters
-    ----------
-    assoc : pynetdicom.association.Association
-        An accepted acceptor association (from its ``EVT_ACCEPTED`` handler).
-    storage_sop_classes : iterable of str
-        SOP classes whose accepted contexts take the fast path.
-    store : callable
-        ``store(request, transfer_syntax, fragments) -> (status, comment)``; runs in the
-        association's DUL thread.
-    max_dataset_bytes : int
-        A C-STORE data set growing past this aborts the association (``0``: no cap).
-
-    Returns
-    -------
-    StoreAssembler or None
-        The installed assembler, or ``None`` when pynetdicom's internals are not as
-        expected (the association then stays on pynetdicom's path).
-    """
-    try:
-        dul = assoc.dul
-        sock = dul.socket
-        original = dul._read_pdu_data
-        event_queue = dul.event_queue
-        recv_pdu = dul._recv_pdu
-        provider_queue = dul.to_provider_queue
-        decode_pdu = dul._decode_pdu
-        state_machine = dul.state_machine
-        contexts = assoc.accepted_contexts
-        peer_max_pdu = int(assoc.requestor.maximum_length or 0)
-    except AttributeError:
-        return None
-    if sock is None or not callable(original):
-        return None
-    classes = set(storage_sop_classes)
-    syntaxes: dict[int, str] = {
-        int(cx.context_id): str(cx.transfer_syntax[0])
-        for cx in contexts
-        if str(cx.abstract_syntax) in classes and cx.transfer_syntax
-    }
-    if not syntaxes:
-        return None
-
-    def store_request(request: StoreRequest, fragments: Sequence[memoryview]) -> tuple[int, str]:
-        return store(request, syntaxes[request.context_id], fragments)
-
-    assembler = StoreAssembler(syntaxes, store_request, sock.send, peer_max_pdu,
-                               max_dataset_bytes=max_dataset_bytes)
-
-    def read_pdu_data() -> None:
-        if state_machine.current_state != "Sta6":
-            original()
-            return
-        # Keep reading while the peer streams: returning to pynetdicom's reactor after a
-        # PDU that produced no event makes it sleep one poll interval, per PDU.
-        while read_one():
-            if dul._kill_thread or provider_queue.qsize() or event_queue.qsize():
-                return
-            if not _readable(sock, FOLLOW_WAIT_S):
-                return
-
-    def read_one() -> bool:
-        """Read one PDU; ``True`` if the fast path consumed all of it."""
-        try:
-            header = sock.recv(6)
-        except (OSError, TimeoutError):
-            LOGGER.warning("Connection closed before the entire PDU was received")
-            event_queue.put("Evt17")
-            return False
-        if len(header) != 6:
-            event_queue.put("Evt17")
-            return False
-        pdu_type, _, length = struct.unpack(">BBL", header)
-        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-            LOGGER.error("Unknown PDU type received 0x%02X", pdu_type)
-            event_queue.put("Evt19")
-            return False
-        try:
-            body = sock.recv(length)
-        except (OSError, TimeoutError):
-            LOGGER.warning("Connection closed before the entire PDU was received")
-            event_queue.put("Evt17")
-            return False
-        if len(body) != length:
-            LOGGER.warning("Received PDU shorter than announced (%d of %d bytes)", len(body), length)
-            event_queue.put("Evt17")
-            return False
-        if pdu_type == P_DATA_TF:
-            try:
-                passed = assembler.feed(memoryview(body))
-            except FastStoreError as exc:
-                LOGGER.error("Invalid P-DATA-TF PDU received: %s", exc)
-                event_queue.put("Evt19")
-                return False
-            if not passed:
-                return True
-            raw = encode_p_data_tf(passed)
-        else:
-            raw = bytes(header) + bytes(body)
-        try:
-            pdu, event = decode_pdu(bytearray(raw))
-        except Exception:
-            LOGGER.exception("Unable to decode the received PDU")
-            event_queue.put("Evt19")
-            return False
-        event_queue.put(event)
-        recv_pdu.put(pdu)
-        return False
-
-    dul._read_pdu_data = read_pdu_data
-    return assembler

@@ -1,4 +1,4 @@
-"""Check encoded little endian data sets without decoding them.
+"""Check received data sets without decoding them, and read what the SCP files them by.
 
 The storage SCP must not acknowledge a data set that does not parse to its end, and needs a
 few attributes of each one (its UIDs, modality, series description and numbers) to file and
@@ -12,12 +12,33 @@ or native Pixel Data of the wrong length. It handles Explicit and Implicit VR Li
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import functools
 import struct
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from typing import Any
 
-__all__ = ["DatasetFacts", "HeaderError", "inspect_dataset"]
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+from dicom.values import pad_even
+
+__all__ = [
+    "DataSetTooLarge",
+    "DatasetFacts",
+    "HeaderError",
+    "ReceivedHeader",
+    "decode_header",
+    "encode_file_head",
+    "inspect_dataset",
+    "read_received_header",
+]
 
 #: Explicit VRs with a 4-byte length after two reserved bytes (PS3.5 7.1.2).
 _LONG_VRS = frozenset(
@@ -280,3 +301,272 @@ def _is(raw: bytes | None) -> int | None:
         return int(raw.decode("ascii").strip("\x00 "))
     except ValueError:
         raise HeaderError("Number of Frames is not an integer") from None
+
+
+# ----------------------------------------------------------------------------- filing attributes
+
+#: Attributes decoded from a received data set (everything else stays encoded).
+_TAGS = {
+    "StudyInstanceUID": Tag(0x0020, 0x000D),
+    "SeriesInstanceUID": Tag(0x0020, 0x000E),
+    "SOPInstanceUID": Tag(0x0008, 0x0018),
+    "SOPClassUID": Tag(0x0008, 0x0016),
+    "Modality": Tag(0x0008, 0x0060),
+    "SeriesDescription": Tag(0x0008, 0x103E),
+    "SeriesNumber": Tag(0x0020, 0x0011),
+    "InstanceNumber": Tag(0x0020, 0x0013),
+}
+_SPECIFIC_TAGS = list(_TAGS.values())
+
+
+_CHARSET_TAG = 0x00080005
+_SCANNED_TAGS = frozenset({int(t) for t in _SPECIFIC_TAGS} | {_CHARSET_TAG})
+
+
+def _raw_text(raw: bytes | None) -> str:
+    if not raw:
+        return ""
+    return raw.decode("ascii", "replace").strip("\x00 ")
+
+
+def _to_int(text: str) -> int | None:
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return int(float(text))
+        except ValueError:
+            return None
+
+
+def _decode_text(raw: bytes | None, charset: bytes | None) -> str:
+    """Decode a text value with the data set's Specific Character Set (never raises)."""
+    if not raw:
+        return ""
+    from pydicom.charset import convert_encodings, decode_bytes
+
+    try:
+        terms = [t.strip() for t in _raw_text(charset).split("\\")] if charset else [""]
+        return decode_bytes(raw, convert_encodings(terms or [""]), set()).strip("\x00 ")
+    except Exception:  # undecodable text must not fail the store
+        return raw.decode("latin-1").strip("\x00 ")
+
+
+@dataclass(frozen=True)
+class ReceivedHeader:
+    """The attributes of a received data set that the SCP files and records.
+
+    Attributes
+    ----------
+    study_uid, series_uid, sop_uid, sop_class_uid, modality, series_description : str
+        Values as text (``""`` when absent).
+    series_number, instance_number : int or None
+        Integer values when present and valid.
+    """
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str
+    series_description: str
+    series_number: int | None
+    instance_number: int | None
+
+    @classmethod
+    def from_raw(cls, values: Mapping[int, bytes]) -> ReceivedHeader:
+        """Build from raw element values keyed by tag (as :func:`dicom.header.inspect_dataset` returns them)."""
+
+        def text(keyword: str) -> str:
+            return _raw_text(values.get(int(_TAGS[keyword])))
+
+        return cls(
+            study_uid=text("StudyInstanceUID"),
+            series_uid=text("SeriesInstanceUID"),
+            sop_uid=text("SOPInstanceUID"),
+            sop_class_uid=text("SOPClassUID"),
+            modality=text("Modality"),
+            series_description=_decode_text(
+                values.get(int(_TAGS["SeriesDescription"])), values.get(_CHARSET_TAG)
+            ),
+            series_number=_to_int(text("SeriesNumber")),
+            instance_number=_to_int(text("InstanceNumber")),
+        )
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> ReceivedHeader:
+        """Build from a (partially) decoded pydicom data set (see :func:`decode_header`)."""
+        raw: dict[int, bytes] = {}
+        for keyword, tag in _TAGS.items():
+            elem = ds.get_item(tag)
+            if elem is None or elem.value is None or keyword == "SeriesDescription":
+                continue
+            value = elem.value
+            raw[int(tag)] = value if isinstance(value, bytes) else str(value).encode("ascii", "replace")
+        header = cls.from_raw(raw)
+        try:
+            elem = ds.get(_TAGS["SeriesDescription"])
+            description = "" if elem is None or elem.value is None else str(elem.value).strip()
+        except Exception:  # undecodable text must not fail the store
+            description = ""
+        return dataclasses.replace(header, series_description=description)
+
+
+@functools.lru_cache(maxsize=64)
+def _syntax_traits(transfer_syntax: str) -> tuple[bool, bool, bool]:
+    """(little endian, implicit VR, deflated) of a transfer syntax (cached: UID() validates)."""
+    tsyntax = UID(transfer_syntax)
+    return tsyntax.is_little_endian, tsyntax.is_implicit_VR, tsyntax.is_deflated
+
+
+class DataSetTooLarge(HeaderError):
+    """A deflated data set would inflate past the allowed size (a zip bomb)."""
+
+
+def _inflate(fragments: Sequence[bytes | bytearray | memoryview], cap: int) -> bytes:
+    """Inflate a deflated data set, refusing one that would exceed `cap` bytes (a zip bomb)."""
+    import zlib
+
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    try:
+        for fragment in fragments:
+            out += inflater.decompress(fragment, cap + 1 - len(out))
+            if len(out) > cap or inflater.unconsumed_tail:
+                raise DataSetTooLarge("deflated data set inflates past the maximum size")
+        out += inflater.flush()
+    except zlib.error:
+        raise HeaderError("deflated data set is corrupt") from None
+    if len(out) > cap:
+        raise DataSetTooLarge("deflated data set inflates past the maximum size")
+    return bytes(out)
+
+
+def read_received_header(
+    fragments: Sequence[bytes | bytearray | memoryview], transfer_syntax: str, *,
+    max_dataset_bytes: int = 1 << 30,
+) -> tuple[ReceivedHeader, DatasetFacts | None]:
+    """Check a received data set to its end and read its filing attributes.
+
+    Little endian data sets are walked without decoding (:func:`dicom.header.inspect_dataset`)
+    across the received fragments; a deflated one is inflated first (never past
+    `max_dataset_bytes`); a big endian one is parsed whole by pydicom.
+
+    Parameters
+    ----------
+    fragments : sequence of bytes-like
+        The encoded data set as received, in order.
+    transfer_syntax : str
+        Its transfer syntax.
+    max_dataset_bytes : int
+        Inflation cap of a deflated data set.
+
+    Returns
+    -------
+    header, facts
+        The filing values (empty strings for absent ones) and what the walk learned
+        (``None`` for big endian data sets).
+
+    Raises
+    ------
+    DataSetTooLarge
+        When a deflated data set inflates past `max_dataset_bytes`.
+    HeaderError
+        When the data set is malformed (the message says how).
+    """
+    little_endian, implicit, deflated = _syntax_traits(transfer_syntax)
+    try:
+        if not little_endian:
+            joined = fragments[0] if len(fragments) == 1 and isinstance(fragments[0], bytes) else b"".join(fragments)
+            ds = decode_header(joined, transfer_syntax, whole=True)
+            return ReceivedHeader.from_dataset(ds), None
+        data = [_inflate(fragments, max_dataset_bytes)] if deflated else fragments
+        facts = inspect_dataset(data, implicit, _SCANNED_TAGS)
+    except HeaderError:
+        raise
+    except Exception as exc:  # pydicom raises many types on malformed input
+        raise HeaderError(f"cannot decode data set ({type(exc).__name__})") from None
+    return ReceivedHeader.from_raw(facts.values), facts
+
+
+def _meta_element(group_elem: int, vr: bytes, value: bytes) -> bytes:
+    """Explicit VR little endian encoding of one short-form file meta element."""
+    return struct.pack("<HH2sH", 0x0002, group_elem, vr, len(value)) + value
+
+
+def encode_file_head(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str = ""
+) -> bytes:
+    """Return preamble, ``DICM`` prefix and encoded File Meta Information.
+
+    Equivalent to pydicom's ``write_file_meta_info`` for these elements, but without
+    building a data set (it runs once per received instance).
+
+    Parameters
+    ----------
+    sop_class_uid, sop_instance_uid : str
+        Media Storage SOP Class and Instance UIDs.
+    transfer_syntax : str
+        Transfer Syntax UID of the data set that follows.
+    source_ae : str
+        Source Application Entity Title (the calling AE); omitted when empty.
+
+    Returns
+    -------
+    bytes
+        128 zero bytes, ``b"DICM"``, then group 0002 in Explicit VR Little Endian.
+    """
+    body = b"".join(
+        (
+            struct.pack("<HH2sHL", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+            _meta_element(0x0002, b"UI", pad_even(sop_class_uid, b"\x00")),
+            _meta_element(0x0003, b"UI", pad_even(sop_instance_uid, b"\x00")),
+            _meta_element(0x0010, b"UI", pad_even(transfer_syntax, b"\x00")),
+            _meta_element(0x0012, b"UI", pad_even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+            _meta_element(0x0013, b"SH", pad_even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+            _meta_element(0x0016, b"AE", pad_even(source_ae[:16], b" ")) if source_ae else b"",
+        )
+    )
+    group_length = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def _stop_after_instance_number(tag: int, vr: str | None, length: int) -> bool:
+    return tag > 0x00200013
+
+
+def decode_header(dataset_bytes: bytes, transfer_syntax: str, *, whole: bool = False) -> Dataset:
+    """Decode the top-level elements up to (0020,0013) of an encoded data set (or all of it).
+
+    Parameters
+    ----------
+    dataset_bytes : bytes
+        The data set as received (no file meta).
+    transfer_syntax : str
+        Its transfer syntax.
+    whole : bool
+        Read every element to the end (a truncated data set then raises).
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        Elements up to Instance Number, or all (values still raw where possible).
+    """
+    tsyntax = UID(transfer_syntax)
+    if tsyntax.is_deflated:
+        head = encode_file_head("1.2", "1.2", transfer_syntax)
+        return pydicom.dcmread(
+            BytesIO(head + dataset_bytes), stop_before_pixels=True, specific_tags=_SPECIFIC_TAGS
+        )
+    ds = read_dataset(
+        BytesIO(dataset_bytes),
+        tsyntax.is_implicit_VR,
+        tsyntax.is_little_endian,
+        stop_when=None if whole else _stop_after_instance_number,
+    )
+    if whole:
+        for _elem in ds.iterall():  # raw elements are parsed lazily: touch them all
+            pass
+    return ds

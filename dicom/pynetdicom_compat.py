@@ -1,35 +1,74 @@
-"""Where the node reaches below pynetdicom's public API: socket deadlines, read caps, TLS.
+"""Everything the node does below pynetdicom's public API, in one place.
 
 pynetdicom gives an acceptor association no deadline on a partly received PDU, reads a PDU
-of any announced length, and performs the TLS handshake in its accept loop with no timeout.
-The functions here fix that per association, from the SCP's ``EVT_CONN_OPEN`` and
-``EVT_ACCEPTED`` handlers. Every private name used is listed with the pynetdicom version it
-was read from (3.0.4, the tested version pinned in ``pyproject.toml``):
+of any announced length, performs the TLS handshake in its accept loop with no timeout,
+logs request identifiers (patient attributes) by default and polls with 1 ms sleeps. The
+functions here fix that per association, from the SCP's ``EVT_CONN_OPEN`` and
+``EVT_ACCEPTED`` handlers, and put C-STORE on the fast path of :mod:`dicom.fast_store`.
+No other module of the node touches a private pynetdicom name.
 
-* ``Association.dul`` (public attribute) and ``DULServiceProvider.socket`` (public): the
-  :class:`pynetdicom.transport.AssociationSocket` of the association;
-* ``AssociationSocket.socket`` (public attribute): the raw :class:`socket.socket` (3.0.4:
-  ``transport.py`` line 335); replacing it with a wrapped :class:`ssl.SSLSocket` is what
-  pynetdicom's own requestor path does after ``wrap_socket``;
-* ``AssociationSocket.recv`` (public method, 3.0.4 ``transport.py`` line 570): wrapped
-  per instance by :func:`guard_reads`; pynetdicom's ``DULServiceProvider._read_pdu_data``
-  (private, ``dul.py`` line 245) calls ``recv(6)`` then ``recv(pdu_length)``, and
-  ``dicom.fast_store`` does the same.
+Every name used is listed with where it was read in pynetdicom 3.0.4, the tested version
+(``pyproject.toml`` pins ``>=3.0.4,<3.1``; a new minor release must be re-read against
+this list):
 
-Every function declines (returns ``False``) when the objects are not as expected, leaving
-the association as pynetdicom made it.
+* ``pynetdicom._config`` (documented, private module): ``LOG_HANDLER_LEVEL``,
+  ``LOG_REQUEST_IDENTIFIERS``, ``LOG_RESPONSE_IDENTIFIERS`` (:func:`quiet_pynetdicom`);
+* ``Association.dul``, ``Association.dimse``, ``Association.accepted_contexts``,
+  ``Association.requestor.maximum_length`` (public);
+* ``DULServiceProvider.socket`` (public, ``dul.py`` line 79): the
+  :class:`pynetdicom.transport.AssociationSocket`; its ``socket`` attribute (public,
+  ``transport.py`` line 346) is the raw :class:`socket.socket`; replacing it with a
+  wrapped :class:`ssl.SSLSocket` is what pynetdicom's own requestor path does;
+* ``AssociationSocket.recv`` (public, ``transport.py`` line 570): wrapped by
+  :func:`guard_reads`, replaced by a ``recv_into`` reader in :func:`tune_association`;
+* ``DULServiceProvider._read_pdu_data`` (private, ``dul.py`` line 245; calls
+  ``recv(6)`` then ``recv(length)``), ``_decode_pdu`` (line 118), ``_recv_pdu`` (line 95),
+  ``_run_loop_delay`` (line 107), ``_kill_thread`` (line 111), and the public
+  ``event_queue``, ``to_provider_queue``, ``state_machine``, ``send_pdu``
+  (:func:`install_fast_store`, :func:`tune_association`);
+* ``DIMSEServiceProvider.get_msg``, ``send_msg``, ``msg_queue``, ``dimse_timeout``,
+  ``maximum_pdu_size`` (``dimse.py`` lines 184-310), replaced per instance by
+  :func:`tune_association`.
+
+Every function declines (returns ``False`` or ``None``) when the objects are not as
+expected, leaving the association as pynetdicom made it; the receive tests run with the
+fast path on and off (``[dicom] fast_store``), so both paths stay correct.
 """
 from __future__ import annotations
 
 import logging
+import queue
+import select
 import socket
 import ssl
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["A_ABORT_INVALID_PDU_PARAMETER", "guard_reads", "raw_socket", "set_deadline", "tls_handshake"]
+from pynetdicom import _config
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 
-LOGGER = logging.getLogger(__name__)
+from dicom import fast_store
+
+__all__ = [
+    "A_ABORT_INVALID_PDU_PARAMETER",
+    "DUL_POLL_INTERVAL_S",
+    "FOLLOW_WAIT_S",
+    "encode_store_success_rsp",
+    "guard_reads",
+    "install_fast_store",
+    "quiet_pynetdicom",
+    "raw_socket",
+    "set_deadline",
+    "tls_handshake",
+    "tune_association",
+]
+
+#: DIMSE status Success (PS3.7 C).
+STATUS_SUCCESS = 0x0000
+
+log = logging.getLogger(__name__)
 
 #: A-ABORT PDU: source 2 (service provider), reason 6 (invalid PDU parameter value), PS3.8 9.3.8.
 A_ABORT_INVALID_PDU_PARAMETER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
@@ -132,3 +171,276 @@ def tls_handshake(assoc: Any, context: ssl.SSLContext, timeout: float) -> str | 
         return f"TLS handshake failed: {reason}"
     sock.socket = wrapped
     return None
+
+
+def quiet_pynetdicom() -> None:
+    """Switch off pynetdicom's identifier logging and keep its logger at WARNING.
+
+    pynetdicom's standard handlers log request/response identifiers (which may contain
+    patient attributes) at DEBUG/INFO; this node never enables them.
+    """
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    pn_logger = logging.getLogger("pynetdicom")
+    if pn_logger.getEffectiveLevel() < logging.WARNING:
+        pn_logger.setLevel(logging.WARNING)
+
+
+#: DUL reactor poll interval used by :func:`tune_association` (pynetdicom default 1 ms).
+DUL_POLL_INTERVAL_S = 0.0002
+#: How long the association reactor blocks waiting for a message (tuned mode).
+_MSG_WAIT_S = 0.005
+
+
+def tune_association(assoc: Any) -> bool:
+    """Cut pynetdicom's per-message latency on an accepted association.
+
+    pynetdicom polls: its DUL thread sleeps 1 ms whenever nothing is pending (so each
+    response leaves, and each new request is noticed, up to 1 ms late), its association
+    thread sleeps 1 ms between non-blocking checks for a decoded message, and it reads
+    each PDU in 4 KiB ``recv`` calls. With a synchronous C-STORE peer these waits add up
+    per instance; and it builds and encodes a pydicom data set (twice) for every
+    response. This function, applied once per association, (1) makes the association
+    thread wait on the message queue (woken as soon as a message is complete),
+    (2) shortens the DUL poll interval, (3) reads whole PDUs with ``recv_into`` and
+    (4) encodes plain C-STORE success responses directly
+    (:func:`encode_store_success_rsp`; ``EVT_DIMSE_SENT`` is not triggered for those). It relies on pynetdicom internals and does nothing (returns
+    ``False``) when they are not as expected.
+
+    Parameters
+    ----------
+    assoc : pynetdicom.association.Association
+        An acceptor association (called from its own thread before the reactor runs).
+
+    Returns
+    -------
+    bool
+        Whether the association was tuned.
+    """
+    try:
+        dimse = assoc.dimse
+        msg_queue = dimse.msg_queue
+        dul = assoc.dul
+        sock = dul.socket
+        raw = sock.socket
+        if not hasattr(dul, "_run_loop_delay") or raw is None:
+            return False
+    except AttributeError:
+        return False
+
+    def get_msg(block: bool = False) -> tuple[Any, Any]:
+        timeout = dimse.dimse_timeout if block else _MSG_WAIT_S
+        try:
+            return msg_queue.get(block=True, timeout=timeout)  # type: ignore[no-any-return]
+        except queue.Empty:
+            return None, None
+
+    def recv(nr_bytes: int) -> bytearray:
+        buf = bytearray(nr_bytes)
+        nr_read = 0
+        with memoryview(buf) as view:
+            while nr_read < nr_bytes:
+                n = raw.recv_into(view[nr_read:], nr_bytes - nr_read)
+                if not n:
+                    break
+                nr_read += n
+        if nr_read < nr_bytes:
+            del buf[nr_read:]
+        return buf
+
+    original_send = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        encoded = encode_store_success_rsp(primitive)
+        max_pdu = dimse.maximum_pdu_size
+        if encoded is None or (max_pdu and len(encoded) + 7 > max_pdu):
+            original_send(primitive, context_id)
+            return
+        pdata = P_DATA()
+        # Control header 0x03: command, last fragment (PS3.8 E.2)
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+        dul.send_pdu(pdata)
+
+    dimse.get_msg = get_msg
+    dimse.send_msg = send_msg
+    sock.recv = recv
+    dul._run_loop_delay = DUL_POLL_INTERVAL_S
+    return True
+
+
+def encode_store_success_rsp(primitive: Any) -> bytes | None:
+    """Encode the command set of a plain C-STORE-RSP with status Success.
+
+    The same bytes pynetdicom produces (Implicit VR Little Endian, group 0000), without
+    building and encoding a pydicom data set twice for every acknowledged instance.
+
+    Parameters
+    ----------
+    primitive : pynetdicom.dimse_primitives.C_STORE
+        The response primitive.
+
+    Returns
+    -------
+    bytes or None
+        The encoded command set, or ``None`` when `primitive` is not a success C-STORE
+        response without optional elements (the caller then uses pynetdicom's encoder).
+    """
+    if not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None:
+        return None
+    if primitive.Status != STATUS_SUCCESS:
+        return None
+    for optional in ("ErrorComment", "OffendingElement", "ErrorID"):
+        if getattr(primitive, optional, None) is not None:
+            return None
+    sop_class = primitive.AffectedSOPClassUID
+    sop_instance = primitive.AffectedSOPInstanceUID
+    if not sop_class or not sop_instance:
+        return None
+    return fast_store.encode_c_store_rsp(
+        primitive.MessageIDBeingRespondedTo, str(sop_class), str(sop_instance), STATUS_SUCCESS
+    )
+
+
+#: How long the fast reader waits for the peer's next PDU before handing control back to
+#: pynetdicom's reactor (which then polls); bounds how late a locally queued primitive
+#: (an abort from :meth:`StoreSCP.stop`) is sent.
+FOLLOW_WAIT_S = 0.005
+
+
+def _readable(sock: Any, timeout: float) -> bool:
+    raw = sock.socket
+    if raw is None:
+        return False
+    if isinstance(raw, ssl.SSLSocket) and raw.pending():
+        return True
+    try:
+        ready, _, _ = select.select([raw], [], [], timeout)
+    except (OSError, ValueError):
+        return False
+    return bool(ready)
+
+
+def install_fast_store(
+    assoc: Any,
+    storage_sop_classes: Iterable[str],
+    store: Callable[[fast_store.StoreRequest, str, Sequence[memoryview]], tuple[int, str]],
+    max_dataset_bytes: int = 0,
+) -> fast_store.StoreAssembler | None:
+    """Put an accepted pynetdicom association's C-STOREs on the fast path.
+
+    Replaces the association's DUL ``_read_pdu_data`` with a reader that feeds P-DATA-TF
+    PDUs (in state Sta6, data transfer) to a :class:`dicom.fast_store.StoreAssembler` and passes everything
+    else, and every item the assembler does not consume, on to pynetdicom exactly as its
+    own reader would.
+
+    Parameters
+    ----------
+    assoc : pynetdicom.association.Association
+        An accepted acceptor association (from its ``EVT_ACCEPTED`` handler).
+    storage_sop_classes : iterable of str
+        SOP classes whose accepted contexts take the fast path.
+    store : callable
+        ``store(request, transfer_syntax, fragments) -> (status, comment)``; runs in the
+        association's DUL thread.
+    max_dataset_bytes : int
+        A C-STORE data set growing past this aborts the association (``0``: no cap).
+
+    Returns
+    -------
+    dicom.fast_store.StoreAssembler or None
+        The installed assembler, or ``None`` when pynetdicom's internals are not as
+        expected (the association then stays on pynetdicom's path).
+    """
+    try:
+        dul = assoc.dul
+        sock = dul.socket
+        original = dul._read_pdu_data
+        event_queue = dul.event_queue
+        recv_pdu = dul._recv_pdu
+        provider_queue = dul.to_provider_queue
+        decode_pdu = dul._decode_pdu
+        state_machine = dul.state_machine
+        contexts = assoc.accepted_contexts
+        peer_max_pdu = int(assoc.requestor.maximum_length or 0)
+    except AttributeError:
+        return None
+    if sock is None or not callable(original):
+        return None
+    classes = set(storage_sop_classes)
+    syntaxes: dict[int, str] = {
+        int(cx.context_id): str(cx.transfer_syntax[0])
+        for cx in contexts
+        if str(cx.abstract_syntax) in classes and cx.transfer_syntax
+    }
+    if not syntaxes:
+        return None
+
+    def store_request(request: fast_store.StoreRequest, fragments: Sequence[memoryview]) -> tuple[int, str]:
+        return store(request, syntaxes[request.context_id], fragments)
+
+    assembler = fast_store.StoreAssembler(syntaxes, store_request, sock.send, peer_max_pdu,
+                               max_dataset_bytes=max_dataset_bytes)
+
+    def read_pdu_data() -> None:
+        if state_machine.current_state != "Sta6":
+            original()
+            return
+        # Keep reading while the peer streams: returning to pynetdicom's reactor after a
+        # PDU that produced no event makes it sleep one poll interval, per PDU.
+        while read_one():
+            if dul._kill_thread or provider_queue.qsize() or event_queue.qsize():
+                return
+            if not _readable(sock, FOLLOW_WAIT_S):
+                return
+
+    def read_one() -> bool:
+        """Read one PDU; ``True`` if the fast path consumed all of it."""
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError):
+            log.warning("Connection closed before the entire PDU was received")
+            event_queue.put("Evt17")
+            return False
+        if len(header) != 6:
+            event_queue.put("Evt17")
+            return False
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            log.error("Unknown PDU type received 0x%02X", pdu_type)
+            event_queue.put("Evt19")
+            return False
+        try:
+            body = sock.recv(length)
+        except (OSError, TimeoutError):
+            log.warning("Connection closed before the entire PDU was received")
+            event_queue.put("Evt17")
+            return False
+        if len(body) != length:
+            log.warning("Received PDU shorter than announced (%d of %d bytes)", len(body), length)
+            event_queue.put("Evt17")
+            return False
+        if pdu_type == fast_store.P_DATA_TF:
+            try:
+                passed = assembler.feed(memoryview(body))
+            except fast_store.FastStoreError as exc:
+                log.error("Invalid P-DATA-TF PDU received: %s", exc)
+                event_queue.put("Evt19")
+                return False
+            if not passed:
+                return True
+            raw = fast_store.encode_p_data_tf(passed)
+        else:
+            raw = bytes(header) + bytes(body)
+        try:
+            pdu, event = decode_pdu(bytearray(raw))
+        except Exception:
+            log.exception("Unable to decode the received PDU")
+            event_queue.put("Evt19")
+            return False
+        event_queue.put(event)
+        recv_pdu.put(pdu)
+        return False
+
+    dul._read_pdu_data = read_pdu_data
+    return assembler

@@ -38,11 +38,8 @@ identifying attributes; pynetdicom's identifier logging is switched off.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import os
-import queue
 import socket
 import ssl
 import struct
@@ -55,8 +52,6 @@ from typing import Any, BinaryIO, Protocol, cast, runtime_checkable
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
-from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -76,16 +71,19 @@ from pydicom.uid import (
 )
 from pynetdicom import (
     AE,
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
-    _config,
     evt,
 )
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
-from pynetdicom.pdu_primitives import P_DATA
 
 from dicom import fast_store, pynetdicom_compat, spool
-from dicom.header import DatasetFacts, HeaderError, inspect_dataset
+from dicom.header import (
+    DatasetFacts,
+    DataSetTooLarge,
+    HeaderError,
+    ReceivedHeader,
+    encode_file_head,
+    read_received_header,
+)
 
 __all__ = [
     "STATUS_BAD_UID",
@@ -109,17 +107,10 @@ __all__ = [
     "StoreSCP",
     "StoredInstance",
     "accepted_transfer_syntaxes",
-    "ReceivedHeader",
-    "decode_header",
-    "read_received_header",
-    "encode_file_head",
-    "encode_store_success_rsp",
-    "quiet_pynetdicom",
     "store_instance",
-    "tune_association",
 ]
 
-LOGGER = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Verification SOP Class.
 VERIFICATION_SOP_CLASS = UID("1.2.840.10008.1.1")
@@ -167,32 +158,6 @@ _NATIVE_SYNTAXES: tuple[str, ...] = (
     ExplicitVRBigEndian,
 )
 
-#: Attributes decoded from a received data set (everything else stays encoded).
-_TAGS = {
-    "StudyInstanceUID": Tag(0x0020, 0x000D),
-    "SeriesInstanceUID": Tag(0x0020, 0x000E),
-    "SOPInstanceUID": Tag(0x0008, 0x0018),
-    "SOPClassUID": Tag(0x0008, 0x0016),
-    "Modality": Tag(0x0008, 0x0060),
-    "SeriesDescription": Tag(0x0008, 0x103E),
-    "SeriesNumber": Tag(0x0020, 0x0011),
-    "InstanceNumber": Tag(0x0020, 0x0013),
-}
-_SPECIFIC_TAGS = list(_TAGS.values())
-
-
-def quiet_pynetdicom() -> None:
-    """Switch off pynetdicom's identifier logging and keep its logger at WARNING.
-
-    pynetdicom's standard handlers log request/response identifiers (which may contain
-    patient attributes) at DEBUG/INFO; this node never enables them.
-    """
-    _config.LOG_HANDLER_LEVEL = "none"
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    pn_logger = logging.getLogger("pynetdicom")
-    if pn_logger.getEffectiveLevel() < logging.WARNING:
-        pn_logger.setLevel(logging.WARNING)
 
 
 def accepted_transfer_syntaxes() -> list[str]:
@@ -330,7 +295,7 @@ class ScpConfig:
         Largest data set accepted; a C-STORE growing past it is aborted (fast path) or
         refused with ``0xA703``, and a deflated data set is never inflated past it.
     low_latency : bool
-        Tune each accepted association for throughput (see :func:`tune_association`):
+        Tune each accepted association for throughput (see :func:`dicom.pynetdicom_compat.tune_association`):
         event-driven dispatch of received messages, a shorter DUL poll interval and
         large socket reads. Behaviour is unchanged; only latency per message drops.
     fast_store : bool
@@ -425,108 +390,6 @@ class StoreOutcome:
     instance: StoredInstance | None = None
 
 
-_CHARSET_TAG = 0x00080005
-_SCANNED_TAGS = frozenset({int(t) for t in _SPECIFIC_TAGS} | {_CHARSET_TAG})
-
-
-def _raw_text(raw: bytes | None) -> str:
-    if not raw:
-        return ""
-    return raw.decode("ascii", "replace").strip("\x00 ")
-
-
-def _to_int(text: str) -> int | None:
-    if not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return int(float(text))
-        except ValueError:
-            return None
-
-
-def _decode_text(raw: bytes | None, charset: bytes | None) -> str:
-    """Decode a text value with the data set's Specific Character Set (never raises)."""
-    if not raw:
-        return ""
-    from pydicom.charset import convert_encodings, decode_bytes
-
-    try:
-        terms = [t.strip() for t in _raw_text(charset).split("\\")] if charset else [""]
-        return decode_bytes(raw, convert_encodings(terms or [""]), set()).strip("\x00 ")
-    except Exception:  # undecodable text must not fail the store
-        return raw.decode("latin-1").strip("\x00 ")
-
-
-@dataclass(frozen=True)
-class ReceivedHeader:
-    """The attributes of a received data set that the SCP files and records.
-
-    Attributes
-    ----------
-    study_uid, series_uid, sop_uid, sop_class_uid, modality, series_description : str
-        Values as text (``""`` when absent).
-    series_number, instance_number : int or None
-        Integer values when present and valid.
-    """
-
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    modality: str
-    series_description: str
-    series_number: int | None
-    instance_number: int | None
-
-    @classmethod
-    def from_raw(cls, values: Mapping[int, bytes]) -> ReceivedHeader:
-        """Build from raw element values keyed by tag (as :func:`dicom.header.inspect_dataset` returns them)."""
-
-        def text(keyword: str) -> str:
-            return _raw_text(values.get(int(_TAGS[keyword])))
-
-        return cls(
-            study_uid=text("StudyInstanceUID"),
-            series_uid=text("SeriesInstanceUID"),
-            sop_uid=text("SOPInstanceUID"),
-            sop_class_uid=text("SOPClassUID"),
-            modality=text("Modality"),
-            series_description=_decode_text(
-                values.get(int(_TAGS["SeriesDescription"])), values.get(_CHARSET_TAG)
-            ),
-            series_number=_to_int(text("SeriesNumber")),
-            instance_number=_to_int(text("InstanceNumber")),
-        )
-
-    @classmethod
-    def from_dataset(cls, ds: Dataset) -> ReceivedHeader:
-        """Build from a (partially) decoded pydicom data set (see :func:`decode_header`)."""
-        raw: dict[int, bytes] = {}
-        for keyword, tag in _TAGS.items():
-            elem = ds.get_item(tag)
-            if elem is None or elem.value is None or keyword == "SeriesDescription":
-                continue
-            value = elem.value
-            raw[int(tag)] = value if isinstance(value, bytes) else str(value).encode("ascii", "replace")
-        header = cls.from_raw(raw)
-        try:
-            elem = ds.get(_TAGS["SeriesDescription"])
-            description = "" if elem is None or elem.value is None else str(elem.value).strip()
-        except Exception:  # undecodable text must not fail the store
-            description = ""
-        return dataclasses.replace(header, series_description=description)
-
-
-@functools.lru_cache(maxsize=64)
-def _syntax_traits(transfer_syntax: str) -> tuple[bool, bool, bool]:
-    """(little endian, implicit VR, deflated) of a transfer syntax (cached: UID() validates)."""
-    tsyntax = UID(transfer_syntax)
-    return tsyntax.is_little_endian, tsyntax.is_implicit_VR, tsyntax.is_deflated
-
-
 class DatasetRejected(Exception):
     """A received data set that must not be acknowledged: status and a comment (<= 64 chars)."""
 
@@ -536,167 +399,12 @@ class DatasetRejected(Exception):
         self.comment = comment[:64]
 
 
-def _inflate(fragments: Sequence[bytes | bytearray | memoryview], cap: int) -> bytes:
-    """Inflate a deflated data set, refusing one that would exceed `cap` bytes (a zip bomb)."""
-    import zlib
-
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    out = bytearray()
-    try:
-        for fragment in fragments:
-            out += inflater.decompress(fragment, cap + 1 - len(out))
-            if len(out) > cap or inflater.unconsumed_tail:
-                raise DatasetRejected(STATUS_TOO_LARGE, "Deflated data set inflates past the maximum size")
-        out += inflater.flush()
-    except zlib.error:
-        raise DatasetRejected(STATUS_DECODE_FAILED, "Deflated data set is corrupt") from None
-    if len(out) > cap:
-        raise DatasetRejected(STATUS_TOO_LARGE, "Deflated data set inflates past the maximum size")
-    return bytes(out)
-
-
-def read_received_header(
-    fragments: Sequence[bytes | bytearray | memoryview], transfer_syntax: str, *,
-    max_dataset_bytes: int = 1 << 30,
-) -> tuple[ReceivedHeader, DatasetFacts | None]:
-    """Check a received data set to its end and read its filing attributes.
-
-    Little endian data sets are walked without decoding (:func:`dicom.header.inspect_dataset`)
-    across the received fragments; a deflated one is inflated first (never past
-    `max_dataset_bytes`); a big endian one is parsed whole by pydicom.
-
-    Parameters
-    ----------
-    fragments : sequence of bytes-like
-        The encoded data set as received, in order.
-    transfer_syntax : str
-        Its transfer syntax.
-    max_dataset_bytes : int
-        Inflation cap of a deflated data set.
-
-    Returns
-    -------
-    header, facts
-        The filing values (empty strings for absent ones) and what the walk learned
-        (``None`` for big endian data sets).
-
-    Raises
-    ------
-    DatasetRejected
-        When the data set is malformed (status ``0xC211``) or inflates too far (``0xA703``).
-    """
-    little_endian, implicit, deflated = _syntax_traits(transfer_syntax)
-    try:
-        if not little_endian:
-            ds = decode_header(_leading_bytes(fragments), transfer_syntax, whole=True)
-            return ReceivedHeader.from_dataset(ds), None
-        data = [_inflate(fragments, max_dataset_bytes)] if deflated else fragments
-        facts = inspect_dataset(data, implicit, _SCANNED_TAGS)
-    except DatasetRejected:
-        raise
-    except HeaderError as exc:
-        raise DatasetRejected(STATUS_DECODE_FAILED, f"Malformed: {exc}") from None
-    except Exception as exc:  # pydicom raises many types on malformed input
-        raise DatasetRejected(STATUS_DECODE_FAILED, f"Cannot decode data set ({type(exc).__name__})") from None
-    return ReceivedHeader.from_raw(facts.values), facts
-
-
-def _element(group_elem: int, vr: bytes, value: bytes) -> bytes:
-    """Explicit VR little endian encoding of one short-form file meta element."""
-    return struct.pack("<HH2sH", 0x0002, group_elem, vr, len(value)) + value
-
-
-def _pad(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii", "replace")
-    return raw + pad if len(raw) % 2 else raw
-
-
-def encode_file_head(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str = ""
-) -> bytes:
-    """Return preamble, ``DICM`` prefix and encoded File Meta Information.
-
-    Equivalent to pydicom's ``write_file_meta_info`` for these elements, but without
-    building a data set (it runs once per received instance).
-
-    Parameters
-    ----------
-    sop_class_uid, sop_instance_uid : str
-        Media Storage SOP Class and Instance UIDs.
-    transfer_syntax : str
-        Transfer Syntax UID of the data set that follows.
-    source_ae : str
-        Source Application Entity Title (the calling AE); omitted when empty.
-
-    Returns
-    -------
-    bytes
-        128 zero bytes, ``b"DICM"``, then group 0002 in Explicit VR Little Endian.
-    """
-    body = b"".join(
-        (
-            struct.pack("<HH2sHL", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
-            _element(0x0002, b"UI", _pad(sop_class_uid, b"\x00")),
-            _element(0x0003, b"UI", _pad(sop_instance_uid, b"\x00")),
-            _element(0x0010, b"UI", _pad(transfer_syntax, b"\x00")),
-            _element(0x0012, b"UI", _pad(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
-            _element(0x0013, b"SH", _pad(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
-            _element(0x0016, b"AE", _pad(source_ae[:16], b" ")) if source_ae else b"",
-        )
-    )
-    group_length = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body))
-    return b"\x00" * 128 + b"DICM" + group_length + body
-
-
-def _stop_after_instance_number(tag: int, vr: str | None, length: int) -> bool:
-    return tag > 0x00200013
-
-
-def decode_header(dataset_bytes: bytes, transfer_syntax: str, *, whole: bool = False) -> Dataset:
-    """Decode the top-level elements up to (0020,0013) of an encoded data set (or all of it).
-
-    Parameters
-    ----------
-    dataset_bytes : bytes
-        The data set as received (no file meta).
-    transfer_syntax : str
-        Its transfer syntax.
-    whole : bool
-        Read every element to the end (a truncated data set then raises).
-
-    Returns
-    -------
-    pydicom.dataset.Dataset
-        Elements up to Instance Number, or all (values still raw where possible).
-    """
-    tsyntax = UID(transfer_syntax)
-    if tsyntax.is_deflated:
-        head = encode_file_head("1.2", "1.2", transfer_syntax)
-        return pydicom.dcmread(
-            BytesIO(head + dataset_bytes), stop_before_pixels=True, specific_tags=_SPECIFIC_TAGS
-        )
-    ds = read_dataset(
-        BytesIO(dataset_bytes),
-        tsyntax.is_implicit_VR,
-        tsyntax.is_little_endian,
-        stop_when=None if whole else _stop_after_instance_number,
-    )
-    if whole:
-        for _elem in ds.iterall():  # raw elements are parsed lazily: touch them all
-            pass
-    return ds
-
-
 def _remove_durably(path: Path) -> None:
     try:
         path.unlink()
     except FileNotFoundError:
         return
-    fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    spool.fsync_dir(path.parent)
 
 
 def _check_sop_class(request_class: str, context_class: str | None, dataset_class: str) -> None:
@@ -733,7 +441,7 @@ def _check_pixels_decodable(fragments: Sequence[bytes | bytearray | memoryview],
     try:
         pixel_array(BytesIO(head + _leading_bytes(fragments)), index=0)
     except Exception as exc:  # decoders raise many types; none may reach the peer as success
-        LOGGER.warning("pixel data of transfer syntax %s not decodable (%s)", transfer_syntax, type(exc).__name__)
+        log.warning("pixel data of transfer syntax %s not decodable (%s)", transfer_syntax, type(exc).__name__)
         raise DatasetRejected(STATUS_PIXELS_UNDECODABLE, "Pixel data not decodable by this node") from None
 
 
@@ -799,7 +507,7 @@ def store_instance(
         Status (and the instance on success). Nothing is kept on disk for a failure.
     """
     if min_free_bytes and spool.free_bytes(spool_dir) < min_free_bytes:
-        LOGGER.warning(
+        log.warning(
             "Refusing C-STORE from %s: spool free space below reserve of %d bytes",
             calling_ae,
             min_free_bytes,
@@ -811,13 +519,20 @@ def store_instance(
     try:
         if sum(len(f) for f in fragments) > max_dataset_bytes:
             raise DatasetRejected(STATUS_TOO_LARGE, "Data set larger than the maximum size")
-        header, facts = read_received_header(fragments, transfer_syntax, max_dataset_bytes=max_dataset_bytes)
+        try:
+            header, facts = read_received_header(fragments, transfer_syntax, max_dataset_bytes=max_dataset_bytes)
+        except DataSetTooLarge as exc:
+            raise DatasetRejected(STATUS_TOO_LARGE, str(exc).capitalize()) from None
+        except HeaderError as exc:
+            reason = str(exc)
+            raise DatasetRejected(STATUS_DECODE_FAILED, reason.capitalize() if reason.startswith("cannot")
+                                  else f"Malformed: {reason}") from None
         _check_sop_class(sop_class_uid, context_sop_class, header.sop_class_uid)
         _check_has_pixels(facts)
         uids = _checked_uids(header)
         _check_pixels_decodable(fragments, transfer_syntax, facts)
     except DatasetRejected as exc:
-        LOGGER.warning("C-STORE of %s from %s refused (0x%04X): %s", _safe_uid(sop_instance_uid), calling_ae,
+        log.warning("C-STORE of %s from %s refused (0x%04X): %s", _safe_uid(sop_instance_uid), calling_ae,
                        exc.status, exc.comment)
         return StoreOutcome(exc.status, exc.comment)
 
@@ -826,7 +541,7 @@ def store_instance(
     )
     duplicate = path.exists()
     if uids["SOPInstanceUID"] != sop_instance_uid.strip("\x00 "):
-        LOGGER.warning(
+        log.warning(
             "C-STORE from %s: Affected SOP Instance UID differs from the data set's; "
             "filing under the data set's %s",
             calling_ae,
@@ -838,7 +553,7 @@ def store_instance(
         except OSError:
             same = False
         if not same:
-            LOGGER.warning("C-STORE of %s from %s refused: already stored with other content",
+            log.warning("C-STORE of %s from %s refused: already stored with other content",
                            uids["SOPInstanceUID"], calling_ae)
             return StoreOutcome(STATUS_CONFLICT, "SOP Instance UID already stored with other content")
         size = path.stat().st_size
@@ -847,7 +562,7 @@ def store_instance(
         try:
             spool.durable_write(path, _writer(head, fragments))
         except OSError as exc:
-            LOGGER.error(
+            log.error(
                 "C-STORE of %s from %s: write failed (%s)",
                 uids["SOPInstanceUID"],
                 calling_ae,
@@ -898,10 +613,10 @@ def _record(sink: InstanceSink, inst: StoredInstance) -> StoreOutcome:
         sink.record(inst)
         return StoreOutcome(STATUS_SUCCESS, "", inst)
     except InstanceConflict as exc:
-        LOGGER.warning("C-STORE of %s from %s refused: %s", inst.sop_uid, inst.calling_ae, exc)
+        log.warning("C-STORE of %s from %s refused: %s", inst.sop_uid, inst.calling_ae, exc)
         outcome = StoreOutcome(STATUS_CONFLICT, str(exc)[:64])
     except Exception as exc:  # the sink's failure must never reach the peer as success
-        LOGGER.error(
+        log.error(
             "C-STORE of %s from %s: sink failed to record (%s)",
             inst.sop_uid,
             inst.calling_ae,
@@ -912,7 +627,7 @@ def _record(sink: InstanceSink, inst: StoredInstance) -> StoreOutcome:
         try:
             _remove_durably(inst.path)
         except OSError:
-            LOGGER.exception("Could not remove unrecorded spool file %s", inst.path)
+            log.exception("Could not remove unrecorded spool file %s", inst.path)
     return outcome
 
 
@@ -930,121 +645,6 @@ def _writer(head: bytes, fragments: Sequence[bytes | bytearray | memoryview]) ->
 
     return write
 
-
-
-#: DUL reactor poll interval used by :func:`tune_association` (pynetdicom default 1 ms).
-DUL_POLL_INTERVAL_S = 0.0002
-#: How long the association reactor blocks waiting for a message (tuned mode).
-_MSG_WAIT_S = 0.005
-
-
-def tune_association(assoc: Any) -> bool:
-    """Cut pynetdicom's per-message latency on an accepted association.
-
-    pynetdicom polls: its DUL thread sleeps 1 ms whenever nothing is pending (so each
-    response leaves, and each new request is noticed, up to 1 ms late), its association
-    thread sleeps 1 ms between non-blocking checks for a decoded message, and it reads
-    each PDU in 4 KiB ``recv`` calls. With a synchronous C-STORE peer these waits add up
-    per instance; and it builds and encodes a pydicom data set (twice) for every
-    response. This function, applied once per association, (1) makes the association
-    thread wait on the message queue (woken as soon as a message is complete),
-    (2) shortens the DUL poll interval, (3) reads whole PDUs with ``recv_into`` and
-    (4) encodes plain C-STORE success responses directly
-    (:func:`encode_store_success_rsp`; ``EVT_DIMSE_SENT`` is not triggered for those). It relies on pynetdicom internals and does nothing (returns
-    ``False``) when they are not as expected.
-
-    Parameters
-    ----------
-    assoc : pynetdicom.association.Association
-        An acceptor association (called from its own thread before the reactor runs).
-
-    Returns
-    -------
-    bool
-        Whether the association was tuned.
-    """
-    try:
-        dimse = assoc.dimse
-        msg_queue = dimse.msg_queue
-        dul = assoc.dul
-        sock = dul.socket
-        raw = sock.socket
-        if not hasattr(dul, "_run_loop_delay") or raw is None:
-            return False
-    except AttributeError:
-        return False
-
-    def get_msg(block: bool = False) -> tuple[Any, Any]:
-        timeout = dimse.dimse_timeout if block else _MSG_WAIT_S
-        try:
-            return msg_queue.get(block=True, timeout=timeout)  # type: ignore[no-any-return]
-        except queue.Empty:
-            return None, None
-
-    def recv(nr_bytes: int) -> bytearray:
-        buf = bytearray(nr_bytes)
-        nr_read = 0
-        with memoryview(buf) as view:
-            while nr_read < nr_bytes:
-                n = raw.recv_into(view[nr_read:], nr_bytes - nr_read)
-                if not n:
-                    break
-                nr_read += n
-        if nr_read < nr_bytes:
-            del buf[nr_read:]
-        return buf
-
-    original_send = dimse.send_msg
-
-    def send_msg(primitive: Any, context_id: int) -> None:
-        encoded = encode_store_success_rsp(primitive)
-        max_pdu = dimse.maximum_pdu_size
-        if encoded is None or (max_pdu and len(encoded) + 7 > max_pdu):
-            original_send(primitive, context_id)
-            return
-        pdata = P_DATA()
-        # Control header 0x03: command, last fragment (PS3.8 E.2)
-        pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
-        dul.send_pdu(pdata)
-
-    dimse.get_msg = get_msg
-    dimse.send_msg = send_msg
-    sock.recv = recv
-    dul._run_loop_delay = DUL_POLL_INTERVAL_S
-    return True
-
-
-def encode_store_success_rsp(primitive: Any) -> bytes | None:
-    """Encode the command set of a plain C-STORE-RSP with status Success.
-
-    The same bytes pynetdicom produces (Implicit VR Little Endian, group 0000), without
-    building and encoding a pydicom data set twice for every acknowledged instance.
-
-    Parameters
-    ----------
-    primitive : pynetdicom.dimse_primitives.C_STORE
-        The response primitive.
-
-    Returns
-    -------
-    bytes or None
-        The encoded command set, or ``None`` when `primitive` is not a success C-STORE
-        response without optional elements (the caller then uses pynetdicom's encoder).
-    """
-    if not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None:
-        return None
-    if primitive.Status != STATUS_SUCCESS:
-        return None
-    for optional in ("ErrorComment", "OffendingElement", "ErrorID"):
-        if getattr(primitive, optional, None) is not None:
-            return None
-    sop_class = primitive.AffectedSOPClassUID
-    sop_instance = primitive.AffectedSOPInstanceUID
-    if not sop_class or not sop_instance:
-        return None
-    return fast_store.encode_c_store_rsp(
-        primitive.MessageIDBeingRespondedTo, str(sop_class), str(sop_instance), STATUS_SUCCESS
-    )
 
 
 class StoreSCP:
@@ -1108,7 +708,7 @@ class StoreSCP:
         with self._lock:
             if self._server is not None:
                 raise RuntimeError("StoreSCP already started")
-            quiet_pynetdicom()
+            pynetdicom_compat.quiet_pynetdicom()
             self._spool_dir.mkdir(parents=True, exist_ok=True)
             spool.remove_temp_files(self._spool_dir)
             ae = self._make_ae()
@@ -1129,7 +729,7 @@ class StoreSCP:
                 ssl_context=None,
                 evt_handlers=handlers,
             )
-            LOGGER.info(
+            log.info(
                 "Storage SCP %s listening on %s:%d (TLS %s)",
                 self.config.ae_title,
                 self.config.host,
@@ -1160,7 +760,7 @@ class StoreSCP:
                 assoc.join(timeout=5.0)
         # Clean up any temp file left by an association killed mid-write.
         spool.remove_temp_files(self._spool_dir)
-        LOGGER.info("Storage SCP %s stopped", self.config.ae_title)
+        log.info("Storage SCP %s stopped", self.config.ae_title)
 
     @property
     def port(self) -> int:
@@ -1192,7 +792,7 @@ class StoreSCP:
         if self.config.ssl_context is not None:
             failure = pynetdicom_compat.tls_handshake(assoc, self.config.ssl_context, self.config.acse_timeout)
             if failure is not None:
-                LOGGER.warning("Connection from %s refused: %s", address, failure)
+                log.warning("Connection from %s refused: %s", address, failure)
                 self._notify_rejected("", address, failure)
                 return
         self._guard(assoc, address)
@@ -1201,7 +801,7 @@ class StoreSCP:
         cap = self.config.read_cap
 
         def refused(length: int) -> None:
-            LOGGER.warning("Aborting association from %s: it announced a PDU of %d bytes (maximum %d)",
+            log.warning("Aborting association from %s: it announced a PDU of %d bytes (maximum %d)",
                            address, length, cap)
 
         pynetdicom_compat.guard_reads(assoc, cap, refused)
@@ -1214,7 +814,7 @@ class StoreSCP:
         reason = self.config.caller_rejection(calling_ae, address)
         if reason is None:
             return
-        LOGGER.warning("Rejecting association from %s at %s: %s", calling_ae, address, reason)
+        log.warning("Rejecting association from %s at %s: %s", calling_ae, address, reason)
         # rejected-permanent, service-user, calling AE title not recognised
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
         self._notify_rejected(calling_ae, address, reason)
@@ -1224,24 +824,24 @@ class StoreSCP:
         assoc = event.assoc
         requestor = assoc.requestor
         if self.config.low_latency:
-            tune_association(assoc)
+            pynetdicom_compat.tune_association(assoc)
             self._guard(assoc, str(requestor.address))  # tuning replaced the guarded reader
         pynetdicom_compat.set_deadline(assoc, self.config.network_timeout)
         calling_ae = str(requestor.ae_title).strip()
         if self.config.fast_store:
             contexts = {int(cx.context_id or 0): str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-            fast_store.install(
+            pynetdicom_compat.install_fast_store(
                 assoc,
                 STORAGE_SOP_CLASSES,
                 self._fast_store_handler(calling_ae, str(requestor.address), contexts),
                 max_dataset_bytes=self.config.max_dataset_bytes,
             )
-        LOGGER.info("Association accepted from %s at %s", calling_ae, requestor.address)
+        log.info("Association accepted from %s at %s", calling_ae, requestor.address)
         if self.observer is not None:
             try:
                 self.observer.accepted(calling_ae, str(requestor.address))
             except Exception:
-                LOGGER.exception("Association observer failed")
+                log.exception("Association observer failed")
 
     def _on_rejected(self, event: evt.Event) -> None:
         # Rejections decided by pynetdicom itself (e.g. association limit reached).
@@ -1250,7 +850,7 @@ class StoreSCP:
         diag = getattr(primitive, "diagnostic", None)
         reason = "association limit reached" if diag == 0x02 else f"rejected (diagnostic {diag})"
         calling_ae = str(requestor.ae_title).strip()
-        LOGGER.warning("Association from %s at %s rejected: %s", calling_ae, requestor.address, reason)
+        log.warning("Association from %s at %s rejected: %s", calling_ae, requestor.address, reason)
         self._notify_rejected(calling_ae, str(requestor.address), reason)
 
     def _notify_rejected(self, calling_ae: str, address: str, reason: str) -> None:
@@ -1259,7 +859,7 @@ class StoreSCP:
         try:
             self.observer.rejected(calling_ae, address, reason)
         except Exception:
-            LOGGER.exception("Association observer failed")
+            log.exception("Association observer failed")
 
     def _fast_store_handler(
         self, calling_ae: str, address: str, contexts: Mapping[int, str]
@@ -1312,6 +912,6 @@ def _on_c_echo(event: evt.Event) -> int:
     # pynetdicom hands any request on the Verification context to this handler, a C-STORE
     # naming the Verification SOP Class included: only a real C-ECHO succeeds.
     if not isinstance(event.request, C_ECHO):
-        LOGGER.warning("Refusing a %s on the Verification context", type(event.request).__name__)
+        log.warning("Refusing a %s on the Verification context", type(event.request).__name__)
         return STATUS_NOT_STORAGE
     return STATUS_SUCCESS

@@ -31,7 +31,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
-from dicom.scp import VERIFICATION_SOP_CLASS, quiet_pynetdicom
+from dicom.pynetdicom_compat import quiet_pynetdicom
+from dicom.scp import VERIFICATION_SOP_CLASS
 
 __all__ = [
     "AssociationFailed",
@@ -44,7 +45,7 @@ __all__ = [
     "send_paths",
 ]
 
-LOGGER = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: pynetdicom accepts at most this many requested presentation contexts.
 MAX_CONTEXTS = 128
@@ -266,9 +267,9 @@ def _send_items(
                 FileResult(it.source, it.sop_instance, None, StatusCategory.FAILURE, reason)
                 for it in remaining
             )
-            LOGGER.error("Association with %s@%s:%d failed: %s", ae_title, host, port, reason)
+            log.error("Association with %s@%s:%d failed: %s", ae_title, host, port, reason)
             raise AssociationFailed(ae_title, host, port, reason, report)
-        LOGGER.info(
+        log.info(
             "Association with %s@%s:%d established (%d instance(s))",
             ae_title,
             host,
@@ -295,7 +296,7 @@ def _send_items(
                 result = _store_one(assoc, item)
                 report.results.append(result)
                 if result.category is StatusCategory.FAILURE:
-                    LOGGER.warning(
+                    log.warning(
                         "C-STORE of %s to %s failed: status %s %s",
                         item.sop_instance,
                         ae_title,
@@ -308,7 +309,7 @@ def _send_items(
         finally:
             if assoc.is_established:
                 assoc.release()
-    LOGGER.info(
+    log.info(
         "Sent to %s@%s:%d: %d success, %d warning, %d failure",
         ae_title,
         host,
@@ -569,7 +570,7 @@ def echo(
     tls_args = (ssl_context, host) if ssl_context is not None else None
     assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        LOGGER.warning(
+        log.warning(
             "C-ECHO to %s@%s:%d: %s", ae_title, host, port, _association_reason(assoc)
         )
         return False

@@ -45,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array as _decode_pixels
+from pydicom.uid import SegmentationStorage
 
 from dicom.codes import SegmentSpec
 from dicom.seg_writer import SourceGeometry
@@ -60,7 +61,7 @@ __all__ = [
     "read_segmentation",
 ]
 
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SEGMENTATION_STORAGE = str(SegmentationStorage)
 LABELMAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
 #: A frame matches a source slice when its distance along the normal is within

@@ -30,13 +30,14 @@ __all__ = [
     "durable_write",
     "durable_write_bytes",
     "free_bytes",
+    "fsync_dir",
     "instance_path",
     "is_valid_uid",
     "iter_temp_files",
     "remove_temp_files",
 ]
 
-LOGGER = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Regular expression a UID must match to be used in a path.
 UID_PATTERN: re.Pattern[str] = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -106,7 +107,7 @@ def _fdatasync(fd: int) -> None:
         sync(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """fsync a directory so that entries created or renamed in it are durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -130,8 +131,8 @@ def _makedirs_durable(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     # Every directory that received a new entry: the parents of the created ones.
     for created in reversed(missing):
-        _fsync_dir(created.parent)
-    _fsync_dir(directory)
+        fsync_dir(created.parent)
+    fsync_dir(directory)
 
 
 _TEMP_COUNTER = itertools.count()
@@ -190,7 +191,7 @@ def durable_write(path: Path | str, write_fn: Callable[[BinaryIO], object]) -> P
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return final
 
 
@@ -271,5 +272,5 @@ def remove_temp_files(spool_root: Path | str) -> int:
         except FileNotFoundError:
             pass
     if removed:
-        LOGGER.info("Removed %d leftover temporary file(s) from the spool", removed)
+        log.info("Removed %d leftover temporary file(s) from the spool", removed)
     return removed

@@ -5,12 +5,18 @@ import re
 
 from pydicom.dataset import Dataset
 
-__all__ = ["format_ds", "quiet_pydicom", "sanitize_header"]
+__all__ = ["format_ds", "pad_even", "quiet_pydicom", "sanitize_header"]
 
 #: Value representations whose values the node's outputs copy from the source and that the
 #: object builders (highdicom, pydicom's writer) validate.
 _CHECKED_VRS = frozenset({"DA", "TM", "DT", "AS", "CS", "SH", "LO", "PN", "AE"})
 _ISO_DATE = re.compile(r"^\s*(\d{4})[-./](\d{2})[-./](\d{2})\s*$")
+
+
+def pad_even(text: str, pad: bytes) -> bytes:
+    """ASCII bytes of `text` padded with `pad` to an even length (UI pads NUL, AE/SH pad space)."""
+    raw = text.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
 
 
 def format_ds(value: float) -> str:

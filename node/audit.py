@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from dicom.spool import fsync_dir
+
 __all__ = [
     "AuditLog",
     "AuditObserver",
@@ -132,11 +134,7 @@ class AuditLog:
         except OSError as exc:
             raise OSError(exc.errno, f"audit file {str(self.path)!r} cannot be opened for appending: {exc.strerror}") from None
         if not existed:
-            dfd = os.open(self.path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.path.parent)
 
     # -- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:

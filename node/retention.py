@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -367,14 +366,6 @@ def dry_run(plan: PurgePlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove(path: Path, result: PurgeResult, dirs: set[Path]) -> bool:
     """Unlink one file; returns whether its rows may go."""
     try:
@@ -449,7 +440,7 @@ def execute_purge(store: Store, plan: PurgePlan, *, audit: _PurgeAudit | None = 
     # Make the unlinks durable before the rows go; then drop emptied spool directories.
     for d in sorted(dirs):
         with contextlib.suppress(OSError):
-            _fsync_dir(d)
+            _spool.fsync_dir(d)
     parents: set[Path] = set()
     for i in gone_inst:
         series_dir = i.path.parent
@@ -459,7 +450,7 @@ def execute_purge(store: Store, plan: PurgePlan, *, audit: _PurgeAudit | None = 
             parents.add(root if root is not None else study_dir)
     for d in sorted(parents):
         with contextlib.suppress(OSError):
-            _fsync_dir(d)
+            _spool.fsync_dir(d)
 
     inst_uids = [i.sop_uid for i in gone_inst]
     out_uids = [o.sop_uid for o in gone_out]

@@ -2,7 +2,8 @@
 
 Real sockets on 127.0.0.1; DCMTK's storescu and pynetdicom as peers. Every test checks
 both what the peer was answered and what the SCP wrote and recorded, and whether the
-instances went through the fast path (a spy around :func:`dicom.fast_store.install`) or
+instances went through the fast path (a spy around
+:func:`dicom.pynetdicom_compat.install_fast_store`) or
 pynetdicom's regular C-STORE handler.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage as CTStorageSOP
 from pynetdicom.sop_class import Verification
 
-from dicom import fast_store, spool
+from dicom import fast_store, pynetdicom_compat, spool
 from dicom.scp import (
     STATUS_BAD_UID,
     STATUS_OUT_OF_RESOURCES,
@@ -94,7 +95,7 @@ class PathSpy:
 @pytest.fixture
 def path_spy(monkeypatch: pytest.MonkeyPatch) -> PathSpy:
     spy = PathSpy()
-    original_install = fast_store.install
+    original_install = pynetdicom_compat.install_fast_store
     original_on_c_store = StoreSCP._on_c_store
 
     def install(assoc: Any, classes: Any, store: Any, **kwargs: Any) -> fast_store.StoreAssembler | None:
@@ -115,8 +116,8 @@ def path_spy(monkeypatch: pytest.MonkeyPatch) -> PathSpy:
             spy.slow.append(str(event.request.AffectedSOPInstanceUID))
         return original_on_c_store(self, event)
 
-    # scp.py calls fast_store.install through the module and binds _on_c_store at start().
-    monkeypatch.setattr(fast_store, "install", install)
+    # scp.py calls install_fast_store through its module and binds _on_c_store at start().
+    monkeypatch.setattr(pynetdicom_compat, "install_fast_store", install)
     monkeypatch.setattr(StoreSCP, "_on_c_store", on_c_store)
     return spy
 
@@ -404,13 +405,13 @@ def test_install_after_first_request_falls_back_cleanly(
     first request arrive before the hook: it must be stored by pynetdicom's handler, and
     the requests after it on the fast path.
     """
-    spy_install = fast_store.install
+    spy_install = pynetdicom_compat.install_fast_store
 
     def late_install(*args: Any, **kwargs: Any) -> Any:
         time.sleep(0.3)
         return spy_install(*args, **kwargs)
 
-    monkeypatch.setattr(fast_store, "install", late_install)
+    monkeypatch.setattr(pynetdicom_compat, "install_fast_store", late_install)
     datasets = ct_series(3, size=128, seed=20)
     scp = make_scp(maximum_pdu_size=4096)
     responses = store_all(scp.port, datasets)

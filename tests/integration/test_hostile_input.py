@@ -27,6 +27,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
 )
 
+from dicom.header import encode_file_head
 from dicom.scp import (
     STATUS_CONFLICT,
     STATUS_DECODE_FAILED,
@@ -35,7 +36,6 @@ from dicom.scp import (
     STATUS_SOP_CLASS_MISMATCH,
     STATUS_SUCCESS,
     STATUS_TOO_LARGE,
-    encode_file_head,
 )
 from dicom.synthetic import build_ct_series
 

@@ -515,7 +515,7 @@ def test_dcmtk_available_for_ci() -> None:
     ],
 )
 def test_decode_header_and_file_head_roundtrip(tsyntax: str, tmp_path: Path) -> None:
-    from dicom.scp import decode_header, encode_file_head
+    from dicom.header import decode_header, encode_file_head
 
     ds = make_ct_series(1)[0]
     ds.file_meta.TransferSyntaxUID = tsyntax
@@ -537,22 +537,22 @@ def test_decode_header_and_file_head_roundtrip(tsyntax: str, tmp_path: Path) -> 
 
 
 def test_low_latency_tuning_applied(make_scp, sink: ListSink) -> None:
-    from dicom import scp as scp_module
+    from dicom import pynetdicom_compat as compat
 
     tuned: list[bool] = []
-    original = scp_module.tune_association
+    original = compat.tune_association
 
     def spy(assoc: object) -> bool:
         result = original(assoc)
         tuned.append(result)
         return result
 
-    scp_module.tune_association = spy  # type: ignore[assignment]
+    compat.tune_association = spy  # type: ignore[assignment]
     try:
         server = make_scp()
         assert pynetdicom_store(server.port, make_ct_series(3)) == [0, 0, 0]
     finally:
-        scp_module.tune_association = original  # type: ignore[assignment]
+        compat.tune_association = original  # type: ignore[assignment]
     assert tuned == [True]
     assert len(sink.items) == 3
 
@@ -597,7 +597,7 @@ def test_fast_store_response_matches_pynetdicom() -> None:
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dsutils import encode
 
-    from dicom.scp import encode_store_success_rsp
+    from dicom.pynetdicom_compat import encode_store_success_rsp
 
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo = 7
