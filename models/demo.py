@@ -232,7 +232,7 @@ def _cached_build(entry: Path, force: bool, progress: ProgressCallback | None, w
     with _locked(entry.parent / f"{entry.name}.lock"):
         data = None if force else _read_marker(entry)
         if data is not None:
-            _emit(progress, ProgressEvent("cache", f"{what}: cached in {entry}", 1.0))
+            emit(progress, ProgressEvent("cache", f"{what}: cached in {entry}", 1.0), log)
             return entry / data["model"], float(data.get("seconds", 0.0))
         if entry.exists():
             shutil.rmtree(entry)
@@ -247,12 +247,8 @@ def _cached_build(entry: Path, force: bool, progress: ProgressCallback | None, w
         tmp = entry / (_MARKER + ".tmp")
         tmp.write_text(json.dumps({"model": str(rel), "seconds": seconds}, indent=2))
         tmp.replace(entry / _MARKER)
-        _emit(progress, ProgressEvent("cache", f"{what}: built in {seconds:.0f} s", 1.0, {"seconds": seconds}))
+        emit(progress, ProgressEvent("cache", f"{what}: built in {seconds:.0f} s", 1.0, {"seconds": seconds}), log)
         return model, seconds
-
-
-def _emit(progress: ProgressCallback | None, event: ProgressEvent) -> None:
-    emit(progress, event, log)
 
 
 def refinement_phantoms(spec: DemoSpec) -> list[Any]:
@@ -276,10 +272,10 @@ def ensemble_priors(preseg_dir: Path, cases: Sequence[Any], device: str | None =
         for member in ensemble.iter_members(case.image, case.spacing):
             acc.add(member)
         priors.append(acc.mean())
-        _emit(progress, ProgressEvent("prior", f"presegmented refinement case {i + 1}/{len(cases)}",
-                                      (i + 1) / len(cases)))
-    _emit(progress, ProgressEvent("prior", f"ensemble priors of {len(cases)} cases in {time.perf_counter() - t0:.0f} s",
-                                  1.0))
+        emit(progress, ProgressEvent("prior", f"presegmented refinement case {i + 1}/{len(cases)}",
+                                      (i + 1) / len(cases)), log)
+    emit(progress, ProgressEvent("prior", f"ensemble priors of {len(cases)} cases in {time.perf_counter() - t0:.0f} s",
+                                  1.0), log)
     return priors
 
 

@@ -81,7 +81,6 @@ __all__ = [
     "correction_channel_names",
     "distance_channels",
     "encode_corrections",
-    "encoding_from_dataset_json",
     "force_reviewed",
     "layout_from_dataset_json",
     "refinement_dataset_json",
@@ -629,11 +628,6 @@ def layout_from_dataset_json(dataset_json: Mapping[str, Any]) -> InputLayout:
         f"cannot infer the refinement encoding from channel_names {names} with {n_fg} foreground "
         f"class(es); add a {I3NODE_KEY!r} key stating it"
     )
-
-
-def encoding_from_dataset_json(dataset_json: Mapping[str, Any]) -> Encoding:
-    """The correction :class:`Encoding` of a refinement model (see :func:`layout_from_dataset_json`)."""
-    return layout_from_dataset_json(dataset_json).encoding
 
 
 # ---------------------------------------------------------------------------------------------

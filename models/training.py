@@ -215,10 +215,6 @@ def dataset_name(dataset_id: int, name: str) -> str:
     return f"Dataset{int(dataset_id):03d}_{name}"
 
 
-def _emit(progress: ProgressCallback | None, event: ProgressEvent) -> None:
-    emit(progress, event, log)
-
-
 # --------------------------------------------------------------------------- raw dataset
 def write_raw_dataset(
     raw_root: Path,
@@ -508,8 +504,8 @@ def _plan_and_preprocess_here(
         plans["configurations"] = {configuration: _shrink_configuration(cfg, ov)}
         plans_file.write_text(json.dumps(plans, indent=2))
         t_plan = time.perf_counter() - t0
-        _emit(progress, ProgressEvent("plan", f"planned {ds_name} in {t_plan:.1f} s", 1.0,
-                                      {"seconds": t_plan}))
+        emit(progress, ProgressEvent("plan", f"planned {ds_name} in {t_plan:.1f} s", 1.0,
+                                      {"seconds": t_plan}), log)
         t1 = time.perf_counter()
         try:
             with _quiet():
@@ -518,8 +514,8 @@ def _plan_and_preprocess_here(
         except Exception as exc:
             raise TrainingError(f"preprocessing dataset {dataset_id} failed: {exc}") from exc
         t_pre = time.perf_counter() - t1
-        _emit(progress, ProgressEvent("preprocess", f"preprocessed {ds_name} in {t_pre:.1f} s", 1.0,
-                                      {"seconds": t_pre}))
+        emit(progress, ProgressEvent("preprocess", f"preprocessed {ds_name} in {t_pre:.1f} s", 1.0,
+                                      {"seconds": t_pre}), log)
     return plans_file
 
 
@@ -633,8 +629,8 @@ def _train_folds_here(
                 inference_name = getattr(trainer, "inference_trainer_name", "nnUNetTrainer")
                 finalize_for_inference(Path(trainer.output_folder), inference_name)
             dt = time.perf_counter() - t0
-            _emit(progress, ProgressEvent("fold_done", f"fold {fold} trained in {dt:.1f} s",
-                                          (k + 1) / len(folds), {"fold": float(fold), "seconds": dt}))
+            emit(progress, ProgressEvent("fold_done", f"fold {fold} trained in {dt:.1f} s",
+                                          (k + 1) / len(folds), {"fold": float(fold), "seconds": dt}), log)
         if out_dir is None:
             raise ValueError("folds: empty")
         return out_dir
@@ -806,8 +802,8 @@ def _run_children(task: str, arg_list: Sequence[Mapping[str, Any]], progress: Pr
                 if "result" in payload:
                     results[i] = str(payload["result"])
                     continue
-                _emit(progress, ProgressEvent(payload["stage"], payload["message"], payload.get("fraction"),
-                                              payload.get("metrics", {})))
+                emit(progress, ProgressEvent(payload["stage"], payload["message"], payload.get("fraction"),
+                                              payload.get("metrics", {})), log)
             else:
                 tails[i].append(line)
                 del tails[i][:-40]
@@ -918,7 +914,7 @@ def train_presegmentation(
     t0 = time.perf_counter()
     write_raw_dataset(raw, dataset_id, name, [c.image for c in cases], [c.labels for c in cases],
                       [tuple(c.spacing) for c in cases], dict(enumerate(channel_names)), labels_map)
-    _emit(progress, ProgressEvent("write", f"wrote {len(cases)} cases in {time.perf_counter() - t0:.1f} s", 1.0))
+    emit(progress, ProgressEvent("write", f"wrote {len(cases)} cases in {time.perf_counter() - t0:.1f} s", 1.0), log)
     plan_and_preprocess(dataset_id, raw_root=raw, preprocessed_root=pre, overrides=overrides,
                         num_processes=num_processes, progress=progress)
     write_splits(pre / dataset_name(dataset_id, name), n_splits, seed=12345 + seed)
@@ -928,8 +924,8 @@ def train_presegmentation(
     if not keep_intermediate:
         shutil.rmtree(raw, ignore_errors=True)
         shutil.rmtree(pre, ignore_errors=True)
-    _emit(progress, ProgressEvent("done", f"presegmentation model in {model_dir}", 1.0,
-                                  {"seconds": time.perf_counter() - t0}))
+    emit(progress, ProgressEvent("done", f"presegmentation model in {model_dir}", 1.0,
+                                  {"seconds": time.perf_counter() - t0}), log)
     return model_dir
 
 

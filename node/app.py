@@ -419,6 +419,8 @@ def build_app(settings: Settings) -> App:
         ssl_context=server_ssl,
         maximum_pdu_size=d.max_pdu_kb * 1024,
         max_dataset_bytes=d.max_dataset_mb * 1024 * 1024,
+        fast_store=d.fast_store,
+        low_latency=d.low_latency,
     )
     sink: Any = StoreSink(store, on_correction=lambda: scheduler.wake("jobs"))
     if metrics is not None:

@@ -158,18 +158,18 @@ def write_synthetic_study(
     out: Path, *, seed: int, shape: tuple[int, int, int], descending: bool = False
 ) -> tuple[list[Path], Path]:
     """Write a seeded synthetic CT study: DICOM files under ``out/dicom`` and labels in ``out/ground_truth.npz``."""
-    from dicom.synthetic import PatientInfo, build_ct_series, write_datasets
+    from dicom.synthetic import PatientInfo, write_study
     from models.phantoms import make_phantom
 
     ph = make_phantom(seed, shape=shape)
-    datasets = build_ct_series(
+    paths = write_study(
+        out / "dicom",
         ph.image,
         ph.spacing,
         patient=PatientInfo(id=f"I3N-{seed:04d}"),
         series_description="Synthetic CT (i3node phantom)",
         descending=descending,
     )
-    paths = write_datasets(datasets, out / "dicom")
     gt = out / "ground_truth.npz"
     np.savez_compressed(gt, labels=ph.labels, spacing=np.asarray(ph.spacing), class_names=np.asarray(ph.class_names))
     return paths, gt

@@ -106,6 +106,8 @@ class DicomSettings:
     max_pdu_kb: int = _f(1024, "Maximum PDU length the node advertises and accepts, in KiB; a peer announcing a longer PDU is aborted before it is buffered.", minimum=4, maximum=262144)
     max_dataset_mb: int = _f(1024, "Largest data set accepted, in MiB (also the inflation cap of deflated data sets); memory per association stays below it.", minimum=1, maximum=65536)
     tls: bool = _f(False, "Require DICOM TLS on the listening port (see [tls]).")
+    fast_store: bool = _f(True, "Receive C-STORE below pynetdicom's DIMSE layer (same statuses and files, a fraction of the CPU per instance); false = stock pynetdicom, the fallback if a pynetdicom upgrade misbehaves.")
+    low_latency: bool = _f(True, "Event-driven message dispatch and whole-PDU reads on each association (pynetdicom polls every 1 ms otherwise); false = stock pynetdicom.")
 
 
 @dataclass(frozen=True)

@@ -224,9 +224,12 @@ def spool_files(app: Any) -> list[Path]:
     return sorted(app.settings.spool_dir.rglob("*.dcm"))
 
 
-@pytest.fixture
-def node(node_factory: Any) -> Any:
-    return node_factory(dicom=LIMITS, study={"stable_after_s": 3600.0}, node={"job_workers": 0})
+@pytest.fixture(params=["hooked", "stock"])
+def node(request: pytest.FixtureRequest, node_factory: Any) -> Any:
+    """A node with tight limits, on the node's receive hooks and on stock pynetdicom."""
+    hooked = request.param == "hooked"
+    return node_factory(dicom={**LIMITS, "fast_store": hooked, "low_latency": hooked},
+                        study={"stable_after_s": 3600.0}, node={"job_workers": 0})
 
 
 # ------------------------------------------------------------------------- denial of service

@@ -192,8 +192,14 @@ def observer() -> RecordingObserver:
     return RecordingObserver()
 
 
+#: The receive paths every SCP test runs on: the node's hooks (C-STORE fast path, tuned
+#: reactor) and stock pynetdicom (``[dicom] fast_store = false, low_latency = false``).
+RECEIVE_PATHS = {"hooked": {"fast_store": True, "low_latency": True},
+                 "stock": {"fast_store": False, "low_latency": False}}
+
+
 def scp_factory(
-    tmp_path: Path, sink: ListSink, observer: RecordingObserver | None = None
+    tmp_path: Path, sink: ListSink, observer: RecordingObserver | None = None, receive_path: str = "hooked"
 ) -> Iterator[Callable[..., StoreSCP]]:
     """Yield a factory starting StoreSCPs on ephemeral ports; stops them afterwards."""
     started: list[StoreSCP] = []
@@ -206,6 +212,7 @@ def scp_factory(
             acse_timeout=10,
             dimse_timeout=10,
             network_timeout=10,
+            **RECEIVE_PATHS[receive_path],
         )
         kwargs.update(overrides)
         scp = StoreSCP(ScpConfig(**kwargs), sink, observer)  # type: ignore[arg-type]
@@ -218,10 +225,10 @@ def scp_factory(
         scp.stop()
 
 
-@pytest.fixture
-def make_scp(tmp_path: Path, sink: ListSink, observer: RecordingObserver) -> Iterator:
-    """Factory starting a StoreSCP on an ephemeral port; stopped at teardown."""
-    yield from scp_factory(tmp_path, sink, observer)
+@pytest.fixture(params=sorted(RECEIVE_PATHS))
+def make_scp(request: pytest.FixtureRequest, tmp_path: Path, sink: ListSink, observer: RecordingObserver) -> Iterator:
+    """Factory starting a StoreSCP on an ephemeral port (each receive path); stopped at teardown."""
+    yield from scp_factory(tmp_path, sink, observer, request.param)
 
 
 # -- spool helpers ---------------------------------------------------------------------
@@ -549,7 +556,7 @@ def test_low_latency_tuning_applied(make_scp, sink: ListSink) -> None:
 
     compat.tune_association = spy  # type: ignore[assignment]
     try:
-        server = make_scp()
+        server = make_scp(low_latency=True)
         assert pynetdicom_store(server.port, make_ct_series(3)) == [0, 0, 0]
     finally:
         compat.tune_association = original  # type: ignore[assignment]

@@ -13,8 +13,8 @@ from models.refinement import (
     Encoding,
     correction_channel_names,
     encode_corrections,
-    encoding_from_dataset_json,
     force_reviewed,
+    layout_from_dataset_json,
     refinement_dataset_json,
     reviewed_mask,
 )
@@ -223,35 +223,35 @@ def test_refinement_dataset_json_roundtrip(encoding: Encoding) -> None:
     assert len(dj["channel_names"]) == 1 + n_corr
     assert dj[I3NODE_KEY]["encoding"] == encoding.value
     assert dj[I3NODE_KEY]["image_channels"] == 1
-    assert encoding_from_dataset_json(dj) is encoding
+    assert layout_from_dataset_json(dj).encoding is encoding
     assert BASE_JSON["channel_names"] == {"0": "CT"}  # base untouched
     # without the i3node key the trailing noNorm channels decide
     del dj[I3NODE_KEY]
-    assert encoding_from_dataset_json(dj) is encoding
+    assert layout_from_dataset_json(dj).encoding is encoding
 
 
-def test_encoding_from_dataset_json_errors() -> None:
+def test_layout_from_dataset_json_encoding_errors() -> None:
     dj = refinement_dataset_json(BASE_JSON, Encoding.I3DEEP)
     bad = dict(dj, **{I3NODE_KEY: {"encoding": "clicks"}})
     with pytest.raises(ValueError, match="clicks"):
-        encoding_from_dataset_json(bad)
+        layout_from_dataset_json(bad)
     bad = dict(dj, **{I3NODE_KEY: {"encoding": "i3deep+reviewed", "image_channels": 1}})
     with pytest.raises(ValueError, match="channels"):
-        encoding_from_dataset_json(bad)
+        layout_from_dataset_json(bad)
     with pytest.raises(ValueError, match="infer"):
-        encoding_from_dataset_json(BASE_JSON)  # a plain presegmentation dataset.json
+        layout_from_dataset_json(BASE_JSON)  # a plain presegmentation dataset.json
     with pytest.raises(ValueError, match="channel_names"):
-        encoding_from_dataset_json({"labels": {"background": 0, "a": 1}})
+        layout_from_dataset_json({"labels": {"background": 0, "a": 1}})
 
 
-def test_encoding_from_dataset_json_ambiguous_nonorm_image_prefers_exact_count() -> None:
+def test_layout_from_dataset_json_encoding_ambiguous_nonorm_image_prefers_exact_count() -> None:
     dj = {"channel_names": {"0": "noNorm", "1": "noNorm", "2": "noNorm"},
           "labels": {"background": 0, "organ": 1, "lesion": 2}}
     # 3 trailing noNorm: only I3DEEP_REVIEWED matches the count exactly, but it leaves no image
     with pytest.raises(ValueError, match="infer"):
-        encoding_from_dataset_json(dj)
+        layout_from_dataset_json(dj)
     dj[I3NODE_KEY] = {"encoding": "i3deep", "image_channels": 1}
-    assert encoding_from_dataset_json(dj) is Encoding.I3DEEP
+    assert layout_from_dataset_json(dj).encoding is Encoding.I3DEEP
 
 
 def test_import_does_not_pull_in_torch() -> None:
