@@ -9,28 +9,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dicom.codes import SegmentSpec, default_segment_specs, load_segment_specs
-from dicom.scp import InstanceConflict, ScpConfig, StoredInstance, StoreSCP
+from dicom.scp import ScpConfig, StoreSCP
 from dicom.values import quiet_pydicom
 from node import systemd
 from node.audit import AuditingSink, AuditLog, AuditObserver
 from node.exporter import Exporter, OutputFile, register_outputs
+from node.ingest import StoreSink, recover_spool
 from node.metrics import CountingSink, Metrics, MetricsServer
-from node.pipeline import SEG_SOP_CLASS, PipelineContext, Refiner, Segmenter
+from node.pipeline import PipelineContext, Refiner, Segmenter
 from node.retention import purge_once
 from node.runner import JobRunner
 from node.scheduler import NodeScheduler
 from node.settings import Settings
-from node.store import InstanceRecord, Store, instances
+from node.store import Store
 from node.studies import sweep_stable_studies
 from node.tls import client_context, server_context
 
-__all__ = ["App", "build_app", "allowed_callers_map", "StoreSink"]
+__all__ = ["App", "build_app", "allowed_callers_map"]
 
 log = logging.getLogger(__name__)
 
@@ -53,89 +54,6 @@ def allowed_callers_map(entries: tuple[str, ...]) -> Mapping[str, frozenset[str]
             hosts.clear()
             hosts.add("")  # marker: any host
     return {ae: frozenset() if "" in hosts else frozenset(hosts) for ae, hosts in out.items()}
-
-
-class StoreSink:
-    """Adapter from the SCP's stored-instance callback to the state store.
-
-    A newly received Segmentation that this node did not create (by recorded SOP
-    Instance UID, not by free text) is registered as a pending correction and
-    ``on_correction`` is called so the job runner wakes up.
-    """
-
-    def __init__(self, store: Store, on_correction: Callable[[], None] | None = None) -> None:
-        self._store = store
-        self._on_correction = on_correction
-
-    def record(self, inst: StoredInstance) -> None:
-        """Commit the instance's row; raises if it cannot be committed."""
-        outcome = self._store.record_instance(
-            InstanceRecord(
-                study_uid=inst.study_uid,
-                series_uid=inst.series_uid,
-                sop_uid=inst.sop_uid,
-                sop_class_uid=inst.sop_class_uid,
-                modality=inst.modality,
-                path=Path(inst.path),
-                size=inst.size,
-                calling_ae=inst.calling_ae,
-                series_description=inst.series_description or "",
-                series_number=inst.series_number,
-                instance_number=inst.instance_number,
-                peer_address=inst.peer_address,
-            )
-        )
-        if outcome.new and inst.sop_class_uid == SEG_SOP_CLASS and not self._store.is_own_output(inst.sop_uid):
-            if self._store.add_correction(inst.sop_uid, inst.series_uid):
-                log.info("corrected SEG %s received from %s", inst.sop_uid, inst.calling_ae)
-                if self._on_correction is not None:
-                    self._on_correction()
-
-
-def recover_spool(store: Store, spool_dir: Path) -> int:
-    """Record every spooled instance whose row is missing; returns how many.
-
-    The SCP fsyncs each file before its row is committed, and the database runs in WAL
-    mode with ``synchronous=NORMAL``: after a power loss the last rows may be gone while
-    their files are on disk.  Those instances were acknowledged, so they are recorded
-    again here before the node accepts new associations.  Only UIDs are read.
-    """
-    import pydicom
-
-    if not spool_dir.is_dir():
-        return 0
-    known = {str(r["path"]) for r in store.iter_rows(instances)}
-    n = 0
-    for path in sorted(spool_dir.glob("*/*/*.dcm")):
-        if str(path) in known:
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            rec = InstanceRecord(
-                study_uid=str(ds.StudyInstanceUID),
-                series_uid=str(ds.SeriesInstanceUID),
-                sop_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                modality=str(ds.get("Modality", "")),
-                path=path,
-                size=path.stat().st_size,
-                calling_ae=str(getattr(ds.file_meta, "SourceApplicationEntityTitle", "") or ""),
-                series_description=str(ds.get("SeriesDescription", "")),
-                series_number=int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
-                instance_number=int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None,
-            )
-        except Exception as exc:  # a file we cannot read is left in place and reported
-            log.error("spooled file %s cannot be re-recorded (%s)", path, type(exc).__name__)
-            continue
-        try:
-            store.record_instance(rec)
-        except InstanceConflict as exc:  # e.g. a file an older version kept for a refused instance
-            log.error("spooled file %s not re-recorded: %s", path, exc)
-            continue
-        n += 1
-    if n:
-        log.warning("re-recorded %d spooled instance(s) whose database rows were lost", n)
-    return n
 
 
 @dataclass

@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from node.settings import DeliverySettings, Destination
-from node.store import Store, deliveries
+from node.store import DeliveryState, Store, deliveries
 from node.store import outputs as outputs_table
 
 __all__ = [
@@ -64,14 +64,6 @@ class OutputKind(str, enum.Enum):
     SEG = "seg"
     KOS = "kos"
     MPR = "mpr"
-
-
-class DeliveryState(str, enum.Enum):
-    """States of one (output, destination) delivery."""
-
-    PENDING = "pending"
-    DELIVERED = "delivered"
-    DEAD = "dead"
 
 
 @dataclass(frozen=True)

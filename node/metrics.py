@@ -36,15 +36,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from node.store import JobState
+
 __all__ = ["Metrics", "MetricsServer", "CountingSink", "stage_timer", "JOB_STATES", "STAGE_BUCKETS"]
 
 log = logging.getLogger(__name__)
 
 #: Every job state, exported even when its count is 0 (so dashboards see the series).
-JOB_STATES: tuple[str, ...] = (
-    "received", "queued", "segmenting", "selecting", "exporting",
-    "awaiting_correction", "refining", "done", "failed",
-)
+JOB_STATES: tuple[str, ...] = tuple(state.value for state in JobState)
 
 #: Histogram buckets (seconds) spanning a DICOM export to a CPU nnU-Net ensemble.
 STAGE_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)

@@ -41,7 +41,7 @@ from models.refiners import RefinementInputs
 from models.uncertainty import EnsembleAccumulator
 from node.exporter import OutputFile
 from node.settings import Settings
-from node.store import JobState, Store
+from node.store import CorrectionState, JobState, Store
 
 __all__ = [
     "AXIS_NAMES",
@@ -504,23 +504,23 @@ def ingest_correction(ctx: PipelineContext, sop_uid: str) -> int | None:
     store = ctx.store
     path = store.instance_path(sop_uid)
     if path is None:
-        store.set_correction(sop_uid, "rejected", reason="instance file not recorded")
+        store.set_correction(sop_uid, CorrectionState.REJECTED, reason="instance file not recorded")
         return None
     seg = pydicom.dcmread(path, stop_before_pixels=True)
     series_uid = referenced_series_uid(seg)
     if series_uid is None:
-        store.set_correction(sop_uid, "rejected", reason="SEG has no ReferencedSeriesSequence")
+        store.set_correction(sop_uid, CorrectionState.REJECTED, reason="SEG has no ReferencedSeriesSequence")
         return None
     job = store.latest_job_for_series(
         series_uid, [JobState.AWAITING_CORRECTION.value, JobState.DONE.value, JobState.REFINING.value]
     )
     if job is None:
         store.set_correction(
-            sop_uid, "unmatched", reason=f"references series {series_uid}, which has no job awaiting corrections"
+            sop_uid, CorrectionState.UNMATCHED, reason=f"references series {series_uid}, which has no job awaiting corrections"
         )
         log.warning("corrected SEG %s matches no job (series %s); kept", sop_uid, series_uid)
         return None
-    store.set_correction(sop_uid, "processing", job_id=int(job["id"]))
+    store.set_correction(sop_uid, CorrectionState.PROCESSING, job_id=int(job["id"]))
     ctx.on_correction(sop_uid, int(job["id"]))
     return int(job["id"])
 
@@ -538,7 +538,7 @@ def run_refinement(ctx: PipelineContext, job_id: int, correction_sop_uid: str) -
     data = store.job_data(job_id)
     applied = list(data.get("applied_corrections", []))
     if correction_sop_uid in applied:  # the same SEG twice: one refinement
-        store.set_correction(correction_sop_uid, "applied", job_id=job_id, reason="already applied")
+        store.set_correction(correction_sop_uid, CorrectionState.APPLIED, job_id=job_id, reason="already applied")
         return int(job["version"])
     version = int(job["version"]) + 1
     store.set_job_state(job_id, JobState.REFINING, data=data, reason=f"refining v{version}")
@@ -551,7 +551,7 @@ def run_refinement(ctx: PipelineContext, job_id: int, correction_sop_uid: str) -
     try:
         result = read_segmentation(pydicom.dcmread(seg_path), headers, ctx.segments)
     except SegReadError as exc:
-        store.set_correction(correction_sop_uid, "rejected", job_id=job_id, reason=str(exc))
+        store.set_correction(correction_sop_uid, CorrectionState.REJECTED, job_id=job_id, reason=str(exc))
         back = JobState.DONE if data.get("refined_versions") else JobState.AWAITING_CORRECTION
         store.set_job_state(job_id, back, data=data, reason=f"corrected SEG rejected: {exc}")
         log.warning("job %d: corrected SEG %s rejected: %s", job_id, correction_sop_uid, exc)
@@ -603,6 +603,6 @@ def run_refinement(ctx: PipelineContext, job_id: int, correction_sop_uid: str) -
     data["reviewed"] = {str(a): v for a, v in reviewed.items()}
     data["timings"] = timings
     store.set_job_state(job_id, JobState.DONE, data=data, version=version, reason=f"refined v{version} exported")
-    store.set_correction(correction_sop_uid, "applied", job_id=job_id)
+    store.set_correction(correction_sop_uid, CorrectionState.APPLIED, job_id=job_id)
     log.info("job %d: refined v%d exported", job_id, version)
     return version

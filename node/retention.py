@@ -44,7 +44,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from dicom import spool as _spool
-from node.store import Store, corrections, deliveries, instances, jobs, outputs, studies
+from node.store import CorrectionState, Store, StudyState, corrections, deliveries, instances, jobs, outputs, studies
 
 __all__ = [
     "DAY_S",
@@ -222,7 +222,7 @@ def _spool_candidates(store: Store, cutoff: float, final_states: frozenset[str])
                 blocked_series.add(r.series_uid)
                 blocked_studies.add(r.study_uid)
         pending = {
-            r.sop_uid for r in c.execute(sa.select(corrections.c.sop_uid).where(corrections.c.state == "pending"))
+            r.sop_uid for r in c.execute(sa.select(corrections.c.sop_uid).where(corrections.c.state == CorrectionState.PENDING.value))
         }
         q = (
             sa.select(
@@ -230,7 +230,7 @@ def _spool_candidates(store: Store, cutoff: float, final_states: frozenset[str])
                 instances.c.size, instances.c.received_at,
             )
             .select_from(instances.join(studies, studies.c.study_uid == instances.c.study_uid))
-            .where(instances.c.received_at <= cutoff, studies.c.state == "stable")
+            .where(instances.c.received_at <= cutoff, studies.c.state == StudyState.STABLE.value)
             .order_by(instances.c.study_uid, instances.c.series_uid, instances.c.sop_uid)
         )
         out: list[PurgeInstance] = []

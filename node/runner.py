@@ -20,7 +20,7 @@ from node.pipeline import (
     run_refinement,
     run_segmentation,
 )
-from node.store import JobState
+from node.store import CorrectionState, JobState
 
 __all__ = ["JobRunner", "RunSummary", "failure_reason", "failure_trace"]
 
@@ -101,7 +101,7 @@ class JobRunner:
         summary = RunSummary()
         store = self.ctx.store
         while True:
-            pending = store.corrections(["pending"])
+            pending = store.corrections([CorrectionState.PENDING])
             if pending:
                 self._correction(pending[0]["sop_uid"], summary)
                 continue
@@ -143,7 +143,7 @@ class JobRunner:
             job_id = ingest_correction(self.ctx, sop_uid)
         except Exception as exc:
             reason = failure_reason(exc)
-            store.set_correction(sop_uid, "rejected", reason=f"cannot read: {reason}")
+            store.set_correction(sop_uid, CorrectionState.REJECTED, reason=f"cannot read: {reason}")
             log.error("corrected SEG %s rejected: %s", sop_uid, reason)
             return
         if job_id is None:
@@ -155,7 +155,7 @@ class JobRunner:
             run_refinement(self.ctx, job_id, sop_uid)
             summary.refined += 1
         except PermanentJobError as exc:
-            store.set_correction(sop_uid, "rejected", job_id=job_id, reason=str(exc))
+            store.set_correction(sop_uid, CorrectionState.REJECTED, job_id=job_id, reason=str(exc))
             store.set_job_state(job_id, previous, reason=f"corrected SEG rejected: {exc}")
             summary.failed += 1
         except Exception as exc:
@@ -168,11 +168,11 @@ class JobRunner:
             reason = failure_reason(exc)
             log.error("job %d refinement failed: %s\n%s", job_id, reason, failure_trace(exc))
             if failures >= self.max_attempts:
-                store.set_correction(sop_uid, "failed", job_id=job_id, reason=f"gave up after {failures} attempts: {reason}")
+                store.set_correction(sop_uid, CorrectionState.FAILED, job_id=job_id, reason=f"gave up after {failures} attempts: {reason}")
                 store.set_job_state(job_id, previous, data=data, reason=f"refinement failed: {reason}")
                 summary.failed += 1
             else:
-                store.set_correction(sop_uid, "pending", job_id=job_id, reason=f"attempt {failures} failed: {reason}")
+                store.set_correction(sop_uid, CorrectionState.PENDING, job_id=job_id, reason=f"attempt {failures} failed: {reason}")
                 store.set_job_state(job_id, previous, data=data, reason=f"refinement attempt {failures} failed; retrying")
                 summary.retried += 1
                 time.sleep(min(self.retry_delay_s, 5.0))

@@ -27,12 +27,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from dicom.scp import InstanceConflict
+from dicom.scp import InstanceConflict, StoredInstance
 
 __all__ = [
     "JobState",
     "UNFINISHED_STATES",
-    "InstanceRecord",
+    "CorrectionState",
+    "DeliveryState",
+    "StudyState",
     "RecordOutcome",
     "Store",
     "metadata",
@@ -58,6 +60,32 @@ class JobState(str, enum.Enum):
     FAILED = "failed"
 
 
+class StudyState(str, enum.Enum):
+    """States of a study: receiving instances, or quiet for ``study.stable_after_s``."""
+
+    RECEIVING = "receiving"
+    STABLE = "stable"
+
+
+class CorrectionState(str, enum.Enum):
+    """States of an inbound corrected SEG."""
+
+    PENDING = "pending"  #: recorded, waiting for the job runner
+    PROCESSING = "processing"  #: a refinement is running on it
+    APPLIED = "applied"  #: a refined SEG was produced from it
+    UNMATCHED = "unmatched"  #: its series has no job awaiting corrections
+    REJECTED = "rejected"  #: unreadable, or refused by the refinement (will not succeed on retry)
+    FAILED = "failed"  #: refinement failed ``node.max_attempts`` times
+
+
+class DeliveryState(str, enum.Enum):
+    """States of one (output, destination) delivery."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
 UNFINISHED_STATES = frozenset(
     {JobState.RECEIVED, JobState.QUEUED, JobState.SEGMENTING, JobState.SELECTING, JobState.EXPORTING, JobState.REFINING}
 )
@@ -68,7 +96,7 @@ studies = sa.Table(
     "studies",
     metadata,
     sa.Column("study_uid", sa.String(64), primary_key=True),
-    sa.Column("state", sa.String(16), nullable=False),  # receiving | stable
+    sa.Column("state", sa.String(16), nullable=False),  # StudyState
     sa.Column("n_instances", sa.Integer, nullable=False, default=0),
     sa.Column("first_received_at", sa.Float, nullable=False),
     sa.Column("last_received_at", sa.Float, nullable=False),
@@ -158,7 +186,7 @@ deliveries = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("output_uid", sa.String(64), sa.ForeignKey("outputs.sop_uid"), nullable=False, index=True),
     sa.Column("destination", sa.String(16), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False, index=True),  # pending | delivered | dead
+    sa.Column("state", sa.String(16), nullable=False, index=True),  # DeliveryState
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("next_attempt_at", sa.Float, nullable=False, default=0.0),
     sa.Column("last_error", sa.Text, nullable=False, default=""),
@@ -172,28 +200,10 @@ corrections = sa.Table(
     sa.Column("sop_uid", sa.String(64), primary_key=True),  # the inbound corrected SEG
     sa.Column("series_uid", sa.String(64), nullable=False),  # the SEG's own series
     sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id")),
-    sa.Column("state", sa.String(16), nullable=False),  # pending | applied | unmatched | rejected
+    sa.Column("state", sa.String(16), nullable=False),  # CorrectionState
     sa.Column("reason", sa.Text, nullable=False, default=""),
     sa.Column("received_at", sa.Float, nullable=False),
 )
-
-
-@dataclass(frozen=True)
-class InstanceRecord:
-    """What the store keeps of a received instance (no patient attributes)."""
-
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    modality: str
-    path: Path
-    size: int
-    calling_ae: str = ""
-    series_description: str = ""
-    series_number: int | None = None
-    instance_number: int | None = None
-    peer_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -218,19 +228,19 @@ _P = sa.bindparam
 _Q_INSTANCE_EXISTS = sa.select(instances.c.study_uid, instances.c.series_uid).where(instances.c.sop_uid == _P("sop"))
 _Q_TOUCH_RECEIVING = (
     studies.update()
-    .where(studies.c.study_uid == _P("study"), studies.c.state == "receiving")
+    .where(studies.c.study_uid == _P("study"), studies.c.state == StudyState.RECEIVING.value)
     .values(last_received_at=_P("now"))
 )
 _Q_STUDY_STATE = sa.select(studies.c.state).where(studies.c.study_uid == _P("study"))
 _Q_STUDY_INSERT = studies.insert().values(
-    study_uid=_P("study"), state="receiving", n_instances=1,
+    study_uid=_P("study"), state=StudyState.RECEIVING.value, n_instances=1,
     first_received_at=_P("now"), last_received_at=_P("now"), reopened=0,
 )
 _Q_STUDY_RECEIVE = (
     studies.update()
     .where(studies.c.study_uid == _P("study"))
     .values(
-        state="receiving",
+        state=StudyState.RECEIVING.value,
         n_instances=studies.c.n_instances + 1,
         last_received_at=_P("now"),
         reopened=studies.c.reopened + _P("reopened"),
@@ -297,7 +307,7 @@ class Store:
         return self.engine.begin()
 
     # -- instances -------------------------------------------------------
-    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> RecordOutcome:
+    def record_instance(self, rec: StoredInstance, now: float | None = None) -> RecordOutcome:
         """Record a received instance; idempotent for a SOP Instance UID already known.
 
         The row, its series and study are committed before this returns, so a
@@ -332,7 +342,7 @@ class Store:
             if st is None:
                 c.execute(_Q_STUDY_INSERT, {"study": rec.study_uid, "now": now})
             else:
-                reopened = st.state == "stable"
+                reopened = st.state == StudyState.STABLE.value
                 c.execute(
                     _Q_STUDY_RECEIVE,
                     {"study": rec.study_uid, "now": now, "reopened": 1 if reopened else 0},
@@ -437,7 +447,7 @@ class Store:
         with self.engine.connect() as c:
             rows = c.execute(
                 sa.select(studies.c.study_uid).where(
-                    studies.c.state == "receiving", studies.c.last_received_at <= now - stable_after_s
+                    studies.c.state == StudyState.RECEIVING.value, studies.c.last_received_at <= now - stable_after_s
                 )
             ).all()
         return [r.study_uid for r in rows]
@@ -468,10 +478,10 @@ class Store:
                 studies.update()
                 .where(
                     studies.c.study_uid == study_uid,
-                    studies.c.state == "receiving",
+                    studies.c.state == StudyState.RECEIVING.value,
                     studies.c.last_received_at <= now - stable_after_s,
                 )
-                .values(state="stable", stable_at=now)
+                .values(state=StudyState.STABLE.value, stable_at=now)
             )
             if res.rowcount != 1:
                 return []
@@ -591,22 +601,25 @@ class Store:
                 return False
             c.execute(
                 corrections.insert().values(
-                    sop_uid=sop_uid, series_uid=series_uid, job_id=None, state="pending", reason="", received_at=now
+                    sop_uid=sop_uid, series_uid=series_uid, job_id=None, state=CorrectionState.PENDING.value, reason="",
+                    received_at=now
                 )
             )
         return True
 
-    def corrections(self, states: Sequence[str] | None = None) -> list[Row]:
+    def corrections(self, states: Sequence[CorrectionState] | None = None) -> list[Row]:
         """Corrected-SEG rows, oldest first."""
         q = sa.select(corrections).order_by(corrections.c.received_at)
         if states is not None:
-            q = q.where(corrections.c.state.in_(list(states)))
+            q = q.where(corrections.c.state.in_([CorrectionState(s).value for s in states]))
         with self.engine.connect() as c:
             return [r._mapping for r in c.execute(q)]
 
-    def set_correction(self, sop_uid: str, state: str, *, job_id: int | None = None, reason: str = "") -> None:
+    def set_correction(
+        self, sop_uid: str, state: CorrectionState, *, job_id: int | None = None, reason: str = ""
+    ) -> None:
         """Update the state of a corrected SEG."""
-        values: dict[str, Any] = {"state": state, "reason": reason}
+        values: dict[str, Any] = {"state": CorrectionState(state).value, "reason": reason}
         if job_id is not None:
             values["job_id"] = job_id
         with self._write_lock, self._tx() as c:
@@ -636,7 +649,9 @@ class Store:
         """
         now = time.time() if now is None else now
         with self._write_lock, self._tx() as c:
-            res = c.execute(studies.update().where(studies.c.state == "receiving").values(last_received_at=now))
+            res = c.execute(
+                studies.update().where(studies.c.state == StudyState.RECEIVING.value).values(last_received_at=now)
+            )
         return int(res.rowcount or 0)
 
     def resume_unfinished(self, now: float | None = None) -> list[int]:
@@ -661,7 +676,11 @@ class Store:
                     back = JobState.QUEUED.value
                 c.execute(jobs.update().where(jobs.c.id == r.id).values(state=back, updated_at=now, not_before=0.0))
                 c.execute(job_events.insert().values(job_id=r.id, state=back, reason="resumed after restart", at=now))
-            c.execute(corrections.update().where(corrections.c.state == "processing").values(state="pending"))
+            c.execute(
+                corrections.update()
+                .where(corrections.c.state == CorrectionState.PROCESSING.value)
+                .values(state=CorrectionState.PENDING.value)
+            )
         return ids
 
     def next_queued_job(self, now: float) -> Row | None:

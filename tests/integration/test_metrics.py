@@ -30,11 +30,11 @@ def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def _store_with_jobs(tmp_path: Path) -> Store:
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
-    from node.store import InstanceRecord
 
     for k in range(3):
         store.record_instance(
-            InstanceRecord(f"1.2.{k}", f"1.2.{k}.1", f"1.2.{k}.1.1", "1.2.840.10008.5.1.4.1.1.2", "CT", tmp_path / "x", 1),
+            StoredInstance(f"1.2.{k}", f"1.2.{k}.1", f"1.2.{k}.1.1", "1.2.840.10008.5.1.4.1.1.2", "CT", tmp_path / "x", 1,
+                           "PACS", "127.0.0.1"),
             now=0.0,
         )
         store.mark_stable(f"1.2.{k}", 100.0, 1.0, [(f"1.2.{k}.1", 1)])

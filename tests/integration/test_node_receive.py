@@ -84,7 +84,8 @@ def test_stable_sweep_creates_one_job_per_matching_series_and_late_instance_reop
 def test_rows_lost_to_a_power_cut_are_rebuilt_from_the_spool(node_factory, ct_series_dir, tmp_path) -> None:
     import sqlalchemy as sa
 
-    from node.app import build_app, recover_spool
+    from node.app import build_app
+    from node.ingest import recover_spool
     from node.store import instances, series, studies
     from tests.fixtures.node_fixtures import make_settings
 

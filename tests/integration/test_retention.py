@@ -19,7 +19,7 @@ from dicom.scp import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, ScpConfig, Stored
 from dicom.synthetic import build_ct_series, write_datasets
 from node.audit import AuditLog
 from node.retention import DAY_S, disk_pressure, dry_run, execute_purge, plan_purge, purge_once
-from node.store import InstanceRecord, JobState, Store, corrections, deliveries, outputs
+from node.store import JobState, Store, corrections, deliveries, outputs
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 NOW = 1_000.0 * DAY_S  # a fixed "now", far from 0
@@ -38,7 +38,7 @@ def _receive(store: Store, root: Path, study: str, series: str, n: int, at: floa
         sop = f"{series}.{k + 1}"
         p = spool.instance_path(root, study, series, sop)
         spool.durable_write_bytes(p, b"x" * 100)
-        store.record_instance(InstanceRecord(study, series, sop, CT, "CT", p, 100), now=at)
+        store.record_instance(StoredInstance(study, series, sop, CT, "CT", p, 100, "PACS", "127.0.0.1"), now=at)
         paths.append(p)
     return paths
 

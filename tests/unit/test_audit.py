@@ -12,8 +12,8 @@ import pytest
 
 from dicom.scp import STATUS_SUCCESS, StoredInstance, store_instance
 from dicom.synthetic import PatientInfo, build_ct_series, write_datasets
-from node.app import StoreSink
 from node.audit import EVENT_CODES, AuditingSink, AuditLog, AuditObserver
+from node.ingest import StoreSink
 from node.store import Store
 
 PATIENT = PatientInfo(name="Doe^Jane^Q", id="PID-98765-XYZ", birth_date="19650312", sex="F")
