@@ -356,11 +356,8 @@ def install_fast_store(
         dul = assoc.dul
         sock = dul.socket
         original = dul._read_pdu_data
-        event_queue = dul.event_queue
-        recv_pdu = dul._recv_pdu
-        provider_queue = dul.to_provider_queue
-        decode_pdu = dul._decode_pdu
-        state_machine = dul.state_machine
+        for name in ("event_queue", "_recv_pdu", "to_provider_queue", "_decode_pdu", "state_machine", "_kill_thread"):
+            getattr(dul, name)
         contexts = assoc.accepted_contexts
         peer_max_pdu = int(assoc.requestor.maximum_length or 0)
     except AttributeError:
@@ -380,67 +377,94 @@ def install_fast_store(
         return store(request, syntaxes[request.context_id], fragments)
 
     assembler = fast_store.StoreAssembler(syntaxes, store_request, sock.send, peer_max_pdu,
-                               max_dataset_bytes=max_dataset_bytes)
+                                          max_dataset_bytes=max_dataset_bytes)
+    dul._read_pdu_data = _FastReader(dul, assembler, original)
+    return assembler
 
-    def read_pdu_data() -> None:
-        if state_machine.current_state != "Sta6":
-            original()
+
+#: PDU types of PS3.8 9.3 (A-ASSOCIATE-RQ .. A-ABORT).
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+
+
+class _FastReader:
+    """The replacement of one association's ``DULServiceProvider._read_pdu_data``.
+
+    In data transfer (state Sta6) it reads whole PDUs, feeds P-DATA-TF PDUs to the
+    assembler and hands pynetdicom what the assembler passes through, and every other PDU,
+    exactly as pynetdicom's reader would: a decoded PDU on ``_recv_pdu`` and its event on
+    ``event_queue`` (Evt17 for a closed or short read, Evt19 for an invalid PDU).
+    """
+
+    def __init__(self, dul: Any, assembler: fast_store.StoreAssembler, original: Callable[[], None]) -> None:
+        self._dul = dul
+        self._sock = dul.socket
+        self._assembler = assembler
+        self._original = original
+
+    def __call__(self) -> None:
+        dul = self._dul
+        if dul.state_machine.current_state != "Sta6":
+            self._original()
             return
         # Keep reading while the peer streams: returning to pynetdicom's reactor after a
         # PDU that produced no event makes it sleep one poll interval, per PDU.
-        while read_one():
-            if dul._kill_thread or provider_queue.qsize() or event_queue.qsize():
+        while self._read_one():
+            if dul._kill_thread or dul.to_provider_queue.qsize() or dul.event_queue.qsize():
                 return
-            if not _readable(sock, FOLLOW_WAIT_S):
+            if not _readable(self._sock, FOLLOW_WAIT_S):
                 return
 
-    def read_one() -> bool:
-        """Read one PDU; ``True`` if the fast path consumed all of it."""
-        try:
-            header = sock.recv(6)
-        except (OSError, TimeoutError):
-            log.warning("Connection closed before the entire PDU was received")
-            event_queue.put("Evt17")
-            return False
-        if len(header) != 6:
-            event_queue.put("Evt17")
-            return False
-        pdu_type, _, length = struct.unpack(">BBL", header)
-        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-            log.error("Unknown PDU type received 0x%02X", pdu_type)
-            event_queue.put("Evt19")
-            return False
-        try:
-            body = sock.recv(length)
-        except (OSError, TimeoutError):
-            log.warning("Connection closed before the entire PDU was received")
-            event_queue.put("Evt17")
-            return False
-        if len(body) != length:
-            log.warning("Received PDU shorter than announced (%d of %d bytes)", len(body), length)
-            event_queue.put("Evt17")
-            return False
-        if pdu_type == fast_store.P_DATA_TF:
-            try:
-                passed = assembler.feed(memoryview(body))
-            except fast_store.FastStoreError as exc:
-                log.error("Invalid P-DATA-TF PDU received: %s", exc)
-                event_queue.put("Evt19")
-                return False
-            if not passed:
-                return True
-            raw = fast_store.encode_p_data_tf(passed)
-        else:
-            raw = bytes(header) + bytes(body)
-        try:
-            pdu, event = decode_pdu(bytearray(raw))
-        except Exception:
-            log.exception("Unable to decode the received PDU")
-            event_queue.put("Evt19")
-            return False
-        event_queue.put(event)
-        recv_pdu.put(pdu)
+    def _event(self, event: str) -> bool:
+        self._dul.event_queue.put(event)
         return False
 
-    dul._read_pdu_data = read_pdu_data
-    return assembler
+    def _read_pdu(self) -> tuple[bytes, int, bytes] | None:
+        """Header, type and body of the next PDU; ``None`` after queueing Evt17/Evt19."""
+        try:
+            header = bytes(self._sock.recv(6))
+            if len(header) != 6:
+                self._event("Evt17")
+                return None
+            pdu_type, _, length = struct.unpack(">BBL", header)
+            if pdu_type not in _PDU_TYPES:
+                log.error("Unknown PDU type received 0x%02X", pdu_type)
+                self._event("Evt19")
+                return None
+            body = self._sock.recv(length)
+        except (OSError, TimeoutError):
+            log.warning("Connection closed before the entire PDU was received")
+            self._event("Evt17")
+            return None
+        if len(body) != length:
+            log.warning("Received PDU shorter than announced (%d of %d bytes)", len(body), length)
+            self._event("Evt17")
+            return None
+        return header, pdu_type, body
+
+    def _read_one(self) -> bool:
+        """Read one PDU; ``True`` if the fast path consumed all of it."""
+        pdu = self._read_pdu()
+        if pdu is None:
+            return False
+        header, pdu_type, body = pdu
+        if pdu_type != fast_store.P_DATA_TF:
+            return self._hand_over(header + bytes(body))
+        try:
+            passed = self._assembler.feed(memoryview(body))
+        except fast_store.FastStoreError as exc:
+            log.error("Invalid P-DATA-TF PDU received: %s", exc)
+            return self._event("Evt19")
+        if not passed:
+            return True
+        return self._hand_over(fast_store.encode_p_data_tf(passed))
+
+    def _hand_over(self, raw: bytes) -> bool:
+        """Give pynetdicom a PDU to handle (decoded, with its event); always ``False``."""
+        try:
+            pdu, event = self._dul._decode_pdu(bytearray(raw))
+        except Exception:
+            log.exception("Unable to decode the received PDU")
+            return self._event("Evt19")
+        self._dul.event_queue.put(event)
+        self._dul._recv_pdu.put(pdu)
+        return False

@@ -507,69 +507,26 @@ def store_instance(
         Status (and the instance on success). Nothing is kept on disk for a failure.
     """
     if min_free_bytes and spool.free_bytes(spool_dir) < min_free_bytes:
-        log.warning(
-            "Refusing C-STORE from %s: spool free space below reserve of %d bytes",
-            calling_ae,
-            min_free_bytes,
-        )
+        log.warning("Refusing C-STORE from %s: spool free space below reserve of %d bytes", calling_ae, min_free_bytes)
         return StoreOutcome(STATUS_OUT_OF_RESOURCES, "Out of resources: disk reserve reached")
 
     fragments: Sequence[bytes | bytearray | memoryview] = (
         (dataset_bytes,) if isinstance(dataset_bytes, bytes) else dataset_bytes)
     try:
-        if sum(len(f) for f in fragments) > max_dataset_bytes:
-            raise DatasetRejected(STATUS_TOO_LARGE, "Data set larger than the maximum size")
-        try:
-            header, facts = read_received_header(fragments, transfer_syntax, max_dataset_bytes=max_dataset_bytes)
-        except DataSetTooLarge as exc:
-            raise DatasetRejected(STATUS_TOO_LARGE, str(exc).capitalize()) from None
-        except HeaderError as exc:
-            reason = str(exc)
-            raise DatasetRejected(STATUS_DECODE_FAILED, reason.capitalize() if reason.startswith("cannot")
-                                  else f"Malformed: {reason}") from None
-        _check_sop_class(sop_class_uid, context_sop_class, header.sop_class_uid)
-        _check_has_pixels(facts)
-        uids = _checked_uids(header)
-        _check_pixels_decodable(fragments, transfer_syntax, facts)
+        header, uids = _checked_dataset(fragments, transfer_syntax, sop_class_uid, context_sop_class,
+                                        max_dataset_bytes)
     except DatasetRejected as exc:
         log.warning("C-STORE of %s from %s refused (0x%04X): %s", _safe_uid(sop_instance_uid), calling_ae,
-                       exc.status, exc.comment)
+                    exc.status, exc.comment)
         return StoreOutcome(exc.status, exc.comment)
 
-    path = spool.instance_path(
-        spool_dir, uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
-    )
-    duplicate = path.exists()
     if uids["SOPInstanceUID"] != sop_instance_uid.strip("\x00 "):
-        log.warning(
-            "C-STORE from %s: Affected SOP Instance UID differs from the data set's; "
-            "filing under the data set's %s",
-            calling_ae,
-            uids["SOPInstanceUID"],
-        )
-    if duplicate:
-        try:
-            same = _same_content(path, fragments)
-        except OSError:
-            same = False
-        if not same:
-            log.warning("C-STORE of %s from %s refused: already stored with other content",
-                           uids["SOPInstanceUID"], calling_ae)
-            return StoreOutcome(STATUS_CONFLICT, "SOP Instance UID already stored with other content")
-        size = path.stat().st_size
-    else:
-        head = encode_file_head(sop_class_uid, uids["SOPInstanceUID"], transfer_syntax, calling_ae)
-        try:
-            spool.durable_write(path, _writer(head, fragments))
-        except OSError as exc:
-            log.error(
-                "C-STORE of %s from %s: write failed (%s)",
-                uids["SOPInstanceUID"],
-                calling_ae,
-                exc.strerror or type(exc).__name__,
-            )
-            return StoreOutcome(STATUS_WRITE_FAILED, "Out of resources: write failed")
-        size = len(head) + sum(len(f) for f in fragments)
+        log.warning("C-STORE from %s: Affected SOP Instance UID differs from the data set's; "
+                    "filing under the data set's %s", calling_ae, uids["SOPInstanceUID"])
+    try:
+        path, size, duplicate = _file_instance(spool_dir, uids, fragments, sop_class_uid, transfer_syntax, calling_ae)
+    except DatasetRejected as exc:
+        return StoreOutcome(exc.status, exc.comment)
 
     inst = StoredInstance(
         study_uid=uids["StudyInstanceUID"],
@@ -587,6 +544,66 @@ def store_instance(
         duplicate=duplicate,
     )
     return _record(sink, inst)
+
+
+def _checked_dataset(
+    fragments: Sequence[bytes | bytearray | memoryview], transfer_syntax: str, sop_class_uid: str,
+    context_sop_class: str | None, max_dataset_bytes: int,
+) -> tuple[ReceivedHeader, dict[str, str]]:
+    """Every check a data set passes before a byte of it is filed; raises :class:`DatasetRejected`."""
+    if sum(len(f) for f in fragments) > max_dataset_bytes:
+        raise DatasetRejected(STATUS_TOO_LARGE, "Data set larger than the maximum size")
+    try:
+        header, facts = read_received_header(fragments, transfer_syntax, max_dataset_bytes=max_dataset_bytes)
+    except DataSetTooLarge as exc:
+        raise DatasetRejected(STATUS_TOO_LARGE, str(exc).capitalize()) from None
+    except HeaderError as exc:
+        reason = str(exc)
+        raise DatasetRejected(STATUS_DECODE_FAILED, reason.capitalize() if reason.startswith("cannot")
+                              else f"Malformed: {reason}") from None
+    _check_sop_class(sop_class_uid, context_sop_class, header.sop_class_uid)
+    _check_has_pixels(facts)
+    uids = _checked_uids(header)
+    _check_pixels_decodable(fragments, transfer_syntax, facts)
+    return header, uids
+
+
+def _file_instance(
+    spool_dir: Path, uids: Mapping[str, str], fragments: Sequence[bytes | bytearray | memoryview],
+    sop_class_uid: str, transfer_syntax: str, calling_ae: str,
+) -> tuple[Path, int, bool]:
+    """File the instance under its UIDs (once); returns path, size and whether it was there already."""
+    path = spool.instance_path(
+        spool_dir, uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
+    )
+    if path.exists():
+        return path, _check_same_content(path, fragments, calling_ae), True
+    head = encode_file_head(sop_class_uid, uids["SOPInstanceUID"], transfer_syntax, calling_ae)
+    return path, _write_spool_file(path, head, fragments, calling_ae), False
+
+
+def _check_same_content(path: Path, fragments: Sequence[bytes | bytearray | memoryview], calling_ae: str) -> int:
+    """A re-sent instance must match the filed one byte for byte; returns the file's size."""
+    try:
+        same = _same_content(path, fragments)
+    except OSError:
+        same = False
+    if not same:
+        log.warning("C-STORE of %s from %s refused: already stored with other content", path.stem, calling_ae)
+        raise DatasetRejected(STATUS_CONFLICT, "SOP Instance UID already stored with other content")
+    return path.stat().st_size
+
+
+def _write_spool_file(path: Path, head: bytes, fragments: Sequence[bytes | bytearray | memoryview],
+                      calling_ae: str) -> int:
+    """Write file meta and data set durably (fsync file and folders); returns the size."""
+    try:
+        spool.durable_write(path, _writer(head, fragments))
+    except OSError as exc:
+        log.error("C-STORE of %s from %s: write failed (%s)", path.stem, calling_ae,
+                  exc.strerror or type(exc).__name__)
+        raise DatasetRejected(STATUS_WRITE_FAILED, "Out of resources: write failed") from None
+    return len(head) + sum(len(f) for f in fragments)
 
 
 def _safe_uid(uid: str) -> str:
