@@ -218,106 +218,89 @@ def _context_syntaxes(tsyntax: str) -> list[str]:
     return [tsyntax, *others]
 
 
-def _send_items(
-    items: list[_Item],
-    pre_failed: list[FileResult],
-    *,
-    ae_title: str,
-    host: str,
-    port: int,
-    calling_ae: str,
-    ssl_context: ssl.SSLContext | None,
-    progress: ProgressCallback | None,
-    acse_timeout: float,
-    dimse_timeout: float,
-    network_timeout: float,
-    max_pdu: int,
-) -> SendReport:
-    quiet_pynetdicom()
-    report = SendReport(results=list(pre_failed))
-    total = len(items) + len(pre_failed)
-    done = len(pre_failed)
-    if progress is not None and done:
-        progress(done, total)
+@dataclass(frozen=True)
+class _Peer:
+    """Where and how :func:`_send_items` associates."""
 
-    # One presentation context per (SOP Class, Transfer Syntax) pair.
+    ae_title: str
+    host: str
+    port: int
+    calling_ae: str
+    ssl_context: ssl.SSLContext | None
+    acse_timeout: float
+    dimse_timeout: float
+    network_timeout: float
+    max_pdu: int
+
+    def associate(self, contexts: Sequence[tuple[str, str]]) -> Any:
+        """Request an association proposing each (SOP Class, transfer syntax) pair."""
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = self.acse_timeout
+        ae.dimse_timeout = self.dimse_timeout
+        ae.network_timeout = self.network_timeout
+        ae.maximum_pdu_size = self.max_pdu
+        for sop_class, tsyntax in contexts:
+            ae.add_requested_context(sop_class, _context_syntaxes(tsyntax))
+        tls_args = (self.ssl_context, self.host) if self.ssl_context is not None else None
+        return ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=tls_args)
+
+    def failed(self, reason: str, report: SendReport, unsent: Iterable[_Item]) -> AssociationFailed:
+        """Record `unsent` as failed with `reason`; the exception to raise."""
+        report.results.extend(
+            FileResult(it.source, it.sop_instance, None, StatusCategory.FAILURE, reason) for it in unsent
+        )
+        return AssociationFailed(self.ae_title, self.host, self.port, reason, report)
+
+
+def _batches(items: Sequence[_Item]) -> list[tuple[list[tuple[str, str]], list[_Item]]]:
+    """Items grouped per association: one presentation context per (SOP Class, transfer syntax)."""
     groups: dict[tuple[str, str], list[_Item]] = {}
     for item in items:
         groups.setdefault((item.sop_class, item.transfer_syntax), []).append(item)
     keys = list(groups)
-    batches = [keys[i : i + MAX_CONTEXTS] for i in range(0, len(keys), MAX_CONTEXTS)]
+    out = []
+    for i in range(0, len(keys), MAX_CONTEXTS):
+        contexts = keys[i : i + MAX_CONTEXTS]
+        out.append((contexts, [it for key in contexts for it in groups[key]]))
+    return out
 
-    for batch_no, batch in enumerate(batches):
-        ae = AE(ae_title=calling_ae)
-        ae.acse_timeout = acse_timeout
-        ae.dimse_timeout = dimse_timeout
-        ae.network_timeout = network_timeout
-        ae.maximum_pdu_size = max_pdu
-        for sop_class, tsyntax in batch:
-            ae.add_requested_context(sop_class, _context_syntaxes(tsyntax))
-        batch_items = [it for key in batch for it in groups[key]]
-        tls_args = (ssl_context, host) if ssl_context is not None else None
-        assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
+
+def _send_items(
+    items: list[_Item], pre_failed: list[FileResult], *, progress: ProgressCallback | None, **peer: Any
+) -> SendReport:
+    """Send `items` over as few associations as the context limit allows (see :func:`send_paths`)."""
+    quiet_pynetdicom()
+    dest = _Peer(**peer)
+    report = SendReport(results=list(pre_failed))
+    total = len(items) + len(pre_failed)
+    if progress is not None and pre_failed:
+        progress(len(pre_failed), total)
+    batches = _batches(items)
+    for batch_no, (contexts, batch_items) in enumerate(batches):
+        later = [it for _, its in batches[batch_no + 1 :] for it in its]
+        assoc = dest.associate(contexts)
         if not assoc.is_established:
             reason = _association_reason(assoc)
-            remaining = [it for key in batches[batch_no] for it in groups[key]]
-            for later in batches[batch_no + 1 :]:
-                remaining.extend(it for key in later for it in groups[key])
-            report.results.extend(
-                FileResult(it.source, it.sop_instance, None, StatusCategory.FAILURE, reason)
-                for it in remaining
-            )
-            log.error("Association with %s@%s:%d failed: %s", ae_title, host, port, reason)
-            raise AssociationFailed(ae_title, host, port, reason, report)
-        log.info(
-            "Association with %s@%s:%d established (%d instance(s))",
-            ae_title,
-            host,
-            port,
-            len(batch_items),
-        )
+            log.error("Association with %s@%s:%d failed: %s", dest.ae_title, dest.host, dest.port, reason)
+            raise dest.failed(reason, report, batch_items + later)
+        log.info("Association with %s@%s:%d established (%d instance(s))", dest.ae_title, dest.host, dest.port,
+                 len(batch_items))
         try:
             for index, item in enumerate(batch_items):
                 if not assoc.is_established:
-                    reason = _association_reason(assoc)
-                    report.results.extend(
-                        FileResult(it.source, it.sop_instance, None, StatusCategory.FAILURE, reason)
-                        for it in batch_items[index:]
-                    )
-                    for later in batches[batch_no + 1 :]:
-                        report.results.extend(
-                            FileResult(
-                                it.source, it.sop_instance, None, StatusCategory.FAILURE, reason
-                            )
-                            for key in later
-                            for it in groups[key]
-                        )
-                    raise AssociationFailed(ae_title, host, port, reason, report)
+                    raise dest.failed(_association_reason(assoc), report, batch_items[index:] + later)
                 result = _store_one(assoc, item)
                 report.results.append(result)
                 if result.category is StatusCategory.FAILURE:
-                    log.warning(
-                        "C-STORE of %s to %s failed: status %s %s",
-                        item.sop_instance,
-                        ae_title,
-                        "none" if result.status is None else f"0x{result.status:04X}",
-                        result.message,
-                    )
-                done += 1
+                    log.warning("C-STORE of %s to %s failed: status %s %s", item.sop_instance, dest.ae_title,
+                                "none" if result.status is None else f"0x{result.status:04X}", result.message)
                 if progress is not None:
-                    progress(done, total)
+                    progress(len(report.results), total)
         finally:
             if assoc.is_established:
                 assoc.release()
-    log.info(
-        "Sent to %s@%s:%d: %d success, %d warning, %d failure",
-        ae_title,
-        host,
-        port,
-        report.n_success,
-        report.n_warning,
-        report.n_failure,
-    )
+    log.info("Sent to %s@%s:%d: %d success, %d warning, %d failure", dest.ae_title, dest.host, dest.port,
+             report.n_success, report.n_warning, report.n_failure)
     return report
 
 
