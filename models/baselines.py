@@ -306,6 +306,51 @@ def random_walker_prior_refine(
     return out.reshape(img.shape)
 
 
+def _n_links(img: np.ndarray, lam: float, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """6-connected neighbour pairs and their integer boundary capacities
+    ``scale * lam * exp(-(dI)^2 / (2 sigma^2))``, sigma the robust scale of the differences."""
+    shape = img.shape
+    idx = np.arange(img.size, dtype=np.int64).reshape(shape)
+    flat = img.ravel()
+    src_list, dst_list, diff_list = [], [], []
+    for axis in range(3):
+        a = np.take(idx, np.arange(shape[axis] - 1), axis=axis).ravel()
+        b = np.take(idx, np.arange(1, shape[axis]), axis=axis).ravel()
+        src_list.append(a)
+        dst_list.append(b)
+        diff_list.append(flat[a] - flat[b])
+    d = np.concatenate(diff_list)
+    sigma = float(np.median(np.abs(d))) * 1.4826 + 1e-6
+    w = np.rint(scale * lam * np.exp(-(d * d) / (2.0 * sigma * sigma))).astype(np.int64)
+    return np.concatenate(src_list), np.concatenate(dst_list), w
+
+
+def _source_side(n_links: tuple[np.ndarray, np.ndarray, np.ndarray], cap_s: np.ndarray,
+                 cap_t: np.ndarray) -> np.ndarray:
+    """Voxels on the source side of the minimum s-t cut (scipy's Dinic max-flow)."""
+    n_src, n_dst, w = n_links
+    n = cap_s.size
+    source, sink = n, n + 1
+    nodes = np.arange(n, dtype=np.int64)
+    rows = np.concatenate([n_src, n_dst, np.full(n, source), nodes])
+    cols = np.concatenate([n_dst, n_src, nodes, np.full(n, sink)])
+    caps = np.concatenate([w, w, cap_s, cap_t])
+    keep = caps > 0
+    graph = csr_matrix(
+        (caps[keep].astype(np.int32), (rows[keep].astype(np.int32), cols[keep].astype(np.int32))),
+        shape=(n + 2, n + 2),
+    )
+    graph.sum_duplicates()
+    flow = maximum_flow(graph, source, sink, method="dinic").flow
+    residual = (graph - flow).tocsr()
+    residual.data[residual.data < 0] = 0
+    residual.eliminate_zeros()
+    reach = breadth_first_order(residual, source, directed=True, return_predecessors=False)
+    side = np.zeros(n + 2, dtype=bool)
+    side[reach] = True
+    return side[:n]
+
+
 def graph_cut_refine(
     image: np.ndarray,
     expert_labels: np.ndarray,
@@ -357,32 +402,13 @@ def graph_cut_refine(
         img = ndimage.gaussian_filter(img, smooth_sigma)
     shape = img.shape
     n = img.size
-    idx = np.arange(n, dtype=np.int64).reshape(shape)
     flat = img.ravel()
-
-    # n-links (both directions), shared by every class.
-    src_list, dst_list, diff_list = [], [], []
-    for axis in range(3):
-        a = np.take(idx, np.arange(shape[axis] - 1), axis=axis).ravel()
-        b = np.take(idx, np.arange(1, shape[axis]), axis=axis).ravel()
-        src_list.append(a)
-        dst_list.append(b)
-        diff_list.append(flat[a] - flat[b])
-    n_src = np.concatenate(src_list)
-    n_dst = np.concatenate(dst_list)
-    d = np.concatenate(diff_list)
-    sigma = float(np.median(np.abs(d))) * 1.4826 + 1e-6
-    w = np.rint(scale * lam * np.exp(-(d * d) / (2.0 * sigma * sigma))).astype(np.int64)
-
+    n_links = _n_links(img, lam, scale)  # shared by every class
     seed_labels = labels[mask]
     seed_vals = img[mask]
     bins = 32
     bin_idx = np.clip((flat * bins).astype(np.int64), 0, bins - 1)
-    big = int(scale * 1000)
-    source, sink = n, n + 1
     result = np.zeros(n, dtype=np.uint8)
-    mflat = mask.ravel()
-    lflat = labels.ravel()
     for c in range(1, n_classes):
         in_c = seed_labels == c
         if not in_c.any():
@@ -390,34 +416,16 @@ def graph_cut_refine(
         nll_c = _histogram_nll(seed_vals[in_c], bins)[bin_idx]
         nll_o = _histogram_nll(seed_vals[~in_c], bins)[bin_idx] if (~in_c).any() else np.zeros(n)
         # Spatial prior: cost grows with the distance (voxels) to the nearest seed of each side.
-        seeds_c3 = mask & (labels == c)
-        seeds_o3 = mask & (labels != c)
-        nll_c = nll_c + dist_weight * ndimage.distance_transform_edt(~seeds_c3).ravel()
-        if seeds_o3.any():
-            nll_o = nll_o + dist_weight * ndimage.distance_transform_edt(~seeds_o3).ravel()
+        seeds_c = mask & (labels == c)
+        seeds_o = mask & (labels != c)
+        nll_c = nll_c + dist_weight * ndimage.distance_transform_edt(~seeds_c).ravel()
+        if seeds_o.any():
+            nll_o = nll_o + dist_weight * ndimage.distance_transform_edt(~seeds_o).ravel()
         # Source side = class c. Cutting s->v costs labelling v "other" (nll_o); v->t costs nll_c.
         cap_s = np.rint(scale * nll_o).astype(np.int64)
         cap_t = np.rint(scale * nll_c).astype(np.int64)
-        seeds_c = mflat & (lflat == c)
-        seeds_o = mflat & (lflat != c)
-        cap_s[seeds_c], cap_t[seeds_c] = big, 0
-        cap_s[seeds_o], cap_t[seeds_o] = 0, big
-        nodes = np.arange(n, dtype=np.int64)
-        rows = np.concatenate([n_src, n_dst, np.full(n, source), nodes])
-        cols = np.concatenate([n_dst, n_src, nodes, np.full(n, sink)])
-        caps = np.concatenate([w, w, cap_s, cap_t])
-        keep = caps > 0
-        graph = csr_matrix(
-            (caps[keep].astype(np.int32), (rows[keep].astype(np.int32), cols[keep].astype(np.int32))),
-            shape=(n + 2, n + 2),
-        )
-        graph.sum_duplicates()
-        flow = maximum_flow(graph, source, sink, method="dinic").flow
-        residual = (graph - flow).tocsr()
-        residual.data[residual.data < 0] = 0
-        residual.eliminate_zeros()
-        reach = breadth_first_order(residual, source, directed=True, return_predecessors=False)
-        side = np.zeros(n + 2, dtype=bool)
-        side[reach] = True
-        result[side[:n]] = c
+        big = int(scale * 1000)
+        cap_s[seeds_c.ravel()], cap_t[seeds_c.ravel()] = big, 0
+        cap_s[seeds_o.ravel()], cap_t[seeds_o.ravel()] = 0, big
+        result[_source_side(n_links, cap_s, cap_t)] = c
     return _finish(result.reshape(shape), labels, mask)

@@ -580,10 +580,19 @@ def _rewrite_preprocessed_for_refinement(pre_dir: Path, plans_identifier: str, l
     return dj
 
 
-def _write_all_split(pre_dir: Path) -> None:
-    """A single "split" training and validating on every case (nnU-Net's fold "all", as fold 0)."""
-    ids = sorted(p.name[: -len(".nii.gz")] for p in (pre_dir / "gt_segmentations").glob("*.nii.gz"))
-    (pre_dir / "splits_final.json").write_text(json.dumps([{"train": ids, "val": ids}], indent=2))
+def _write_split(pre_dir: Path, all_cases: bool, fold_ids: Sequence[int], n_cases: int, seed: int) -> None:
+    """``splits_final.json``: one split training and validating on every case (nnU-Net's fold
+    "all", stored as fold 0), or seeded cross-validation splits covering ``fold_ids``."""
+    from models.training import write_splits
+
+    if all_cases:
+        ids = sorted(p.name[: -len(".nii.gz")] for p in (pre_dir / "gt_segmentations").glob("*.nii.gz"))
+        (pre_dir / "splits_final.json").write_text(json.dumps([{"train": ids, "val": ids}], indent=2))
+        return
+    n_splits = max(3, max(fold_ids) + 1)
+    if n_cases < n_splits:
+        raise ValueError(f"folds: {n_splits} splits need at least {n_splits} cases, got {n_cases}")
+    write_splits(pre_dir, n_splits, seed=12345 + seed)
 
 
 def train_refinement_model(
@@ -683,43 +692,21 @@ def train_refinement_model(
     models.training.TrainingError
         When planning, preprocessing or training fails.
     """
-    from models.training import dataset_name, plan_and_preprocess, train_folds, write_raw_dataset, write_splits
+    from models.training import dataset_name, plan_and_preprocess, train_folds, write_raw_dataset
 
     encoding = Encoding(encoding)
     images, labels, spacings, case_names = _as_cases(phantoms_or_arrays)
     if len(images) < 2:
         raise ValueError(f"phantoms_or_arrays: need at least 2 cases, got {len(images)}")
-    names = tuple(class_names) if class_names is not None else (case_names or _DEFAULT_CLASS_NAMES)
-    if len(names) < 2:
-        raise ValueError(f"class_names: need background and at least one class, got {names!r}")
-    max_label = max(int(lab.max()) for lab in labels)
-    if max_label >= len(names):
-        raise ValueError(f"labels go up to {max_label} but class_names has only {len(names)} entries")
+    names = _class_names(class_names, case_names, labels)
     n_img = images[0].shape[0] if images[0].ndim == 4 else 1
     if len(channel_names) != n_img:
         raise ValueError(f"channel_names: {len(channel_names)} name(s) for {n_img} image channel(s)")
     if any(str(c).casefold() == NO_NORM.casefold() for c in channel_names):
         log.warning("image channel named %r: the layout is then read from the 'i3node' key only", NO_NORM)
     layout = InputLayout(names, n_img, priors is not None, encoding, bool(distance))
-    raw_images: list[np.ndarray] = images
-    if priors is not None:
-        if len(priors) != len(images):
-            raise ValueError(f"priors: expected {len(images)} arrays (one per case), got {len(priors)}")
-        raw_images = []
-        for i, (img, pr) in enumerate(zip(images, priors, strict=True)):
-            pr = np.asarray(pr, dtype=np.float32)
-            if pr.shape != (len(names), *labels[i].shape):
-                raise ValueError(f"priors[{i}]: expected shape {(len(names), *labels[i].shape)}, got {pr.shape}")
-            img4 = img if img.ndim == 4 else img[None]
-            raw_images.append(np.concatenate([img4, pr[1:]], axis=0))
-    if folds == "all":
-        fold_ids = [0]
-    elif isinstance(folds, str):
-        raise ValueError(f"folds must be 'all' or a sequence of fold numbers, got {folds!r}")
-    else:
-        fold_ids = [int(f) for f in folds]
-        if not fold_ids or min(fold_ids) < 0:
-            raise ValueError(f"folds must be 'all' or non-negative fold numbers, got {folds!r}")
+    raw_images = images if priors is None else _with_priors(images, labels, priors, len(names))
+    fold_ids = _fold_ids(folds)
     if epochs < 1 or iterations_per_epoch < 1 or val_iterations < 1:
         raise ValueError("epochs, iterations_per_epoch and val_iterations must be >= 1")
     if overrides is None:
@@ -732,20 +719,13 @@ def train_refinement_model(
     t0 = time.perf_counter()
     labels_map = {("background" if i == 0 else str(n)): i for i, n in enumerate(names)}
     raw_channels: dict[int | str, str] = {i: str(c) for i, c in enumerate(channel_names)}
-    if layout.prior:
-        raw_channels.update({n_img + k: NO_NORM for k in range(len(names) - 1)})
+    raw_channels.update({n_img + k: NO_NORM for k in range(len(names) - 1 if layout.prior else 0)})
     write_raw_dataset(raw, dataset_id, name, raw_images, labels, spacings, raw_channels, labels_map)
     plan_and_preprocess(dataset_id, raw_root=raw, preprocessed_root=pre, overrides=overrides,
                         num_processes=num_processes, isolate=isolate, progress=progress, plans_from=plans_from)
     pre_dir = pre / dataset_name(dataset_id, name)
     _rewrite_preprocessed_for_refinement(pre_dir, "nnUNetPlans", layout, ignore_reviewed)
-    if folds == "all":
-        _write_all_split(pre_dir)
-    else:
-        n_splits = max(3, max(fold_ids) + 1)
-        if len(images) < n_splits:
-            raise ValueError(f"folds: {n_splits} splits need at least {n_splits} cases, got {len(images)}")
-        write_splits(pre_dir, n_splits, seed=12345 + seed)
+    _write_split(pre_dir, folds == "all", fold_ids, len(images), seed)
     t_train = time.perf_counter()
     options = {"review_simulation": sim.to_json(), **dict(trainer_options or {})}
     model_dir = train_folds(
@@ -762,6 +742,45 @@ def train_refinement_model(
     emit(progress, ProgressEvent("done", f"refinement model ({layout.describe()}) in {model_dir}", 1.0,
                                  {"seconds": total_s, "train_seconds": train_s}), log)
     return Path(model_dir)
+
+
+def _class_names(class_names: Sequence[str] | None, case_names: Sequence[str] | None,
+                 labels: Sequence[np.ndarray]) -> tuple[str, ...]:
+    """Label names by value (given, the cases', or the default), checked against the labels."""
+    names = tuple(class_names) if class_names is not None else tuple(case_names or _DEFAULT_CLASS_NAMES)
+    if len(names) < 2:
+        raise ValueError(f"class_names: need background and at least one class, got {names!r}")
+    max_label = max(int(lab.max()) for lab in labels)
+    if max_label >= len(names):
+        raise ValueError(f"labels go up to {max_label} but class_names has only {len(names)} entries")
+    return names
+
+
+def _with_priors(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], priors: Sequence[np.ndarray],
+                 n_classes: int) -> list[np.ndarray]:
+    """Images with the foreground prior channels appended (``(c + C - 1, z, y, x)`` each)."""
+    if len(priors) != len(images):
+        raise ValueError(f"priors: expected {len(images)} arrays (one per case), got {len(priors)}")
+    out = []
+    for i, (img, pr) in enumerate(zip(images, priors, strict=True)):
+        pr = np.asarray(pr, dtype=np.float32)
+        if pr.shape != (n_classes, *labels[i].shape):
+            raise ValueError(f"priors[{i}]: expected shape {(n_classes, *labels[i].shape)}, got {pr.shape}")
+        img4 = img if img.ndim == 4 else img[None]
+        out.append(np.concatenate([img4, pr[1:]], axis=0))
+    return out
+
+
+def _fold_ids(folds: Sequence[int] | Literal["all"]) -> list[int]:
+    """``"all"`` is fold 0 trained on every case; otherwise the listed cross-validation folds."""
+    if folds == "all":
+        return [0]
+    if isinstance(folds, str):
+        raise ValueError(f"folds must be 'all' or a sequence of fold numbers, got {folds!r}")
+    fold_ids = [int(f) for f in folds]
+    if not fold_ids or min(fold_ids) < 0:
+        raise ValueError(f"folds must be 'all' or non-negative fold numbers, got {folds!r}")
+    return fold_ids
 
 
 def _check_results_folder(model_dir: Path, layout: InputLayout) -> None:

@@ -7,6 +7,7 @@ these objects, so tests and the CLI get exactly the node that production runs.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -268,6 +269,28 @@ def load_segments(settings: Settings) -> tuple[SegmentSpec, ...]:
     return tuple(load_segment_specs(f)) if f else default_segment_specs()
 
 
+def scp_config_from(settings: Settings, ssl_context: ssl.SSLContext | None) -> ScpConfig:
+    """The receiver's configuration from ``[dicom]`` (sizes in bytes, allow-list as a map)."""
+    d = settings.dicom
+    return ScpConfig(
+        ae_title=d.ae_title,
+        host=d.host,
+        port=d.port,
+        spool_dir=settings.spool_dir,
+        allowed_callers=allowed_callers_map(d.allowed_callers),
+        min_free_bytes=d.min_free_mb * 1024 * 1024,
+        max_associations=d.max_associations,
+        acse_timeout=d.acse_timeout_s,
+        dimse_timeout=d.dimse_timeout_s,
+        network_timeout=d.network_timeout_s,
+        ssl_context=ssl_context,
+        maximum_pdu_size=d.max_pdu_kb * 1024,
+        max_dataset_bytes=d.max_dataset_mb * 1024 * 1024,
+        fast_store=d.fast_store,
+        low_latency=d.low_latency,
+    )
+
+
 def build_app(settings: Settings) -> App:
     """Compose a node from its settings (the only place that does so)."""
     quiet_pydicom()
@@ -308,6 +331,7 @@ def build_app(settings: Settings) -> App:
         on_correction=correction_matched,
     )
     runner = JobRunner(ctx)
+
     def delivery_outcome(dest: Any, sop_uid: str, delivered: bool, dead: bool, reason: str) -> None:
         if metrics is not None and not delivered:
             metrics.delivery_failed()
@@ -323,23 +347,7 @@ def build_app(settings: Settings) -> App:
         ssl_context_for=lambda dest: client_ssl if dest.tls else None,
         on_outcome=delivery_outcome,
     )
-    scp_config = ScpConfig(
-        ae_title=d.ae_title,
-        host=d.host,
-        port=d.port,
-        spool_dir=settings.spool_dir,
-        allowed_callers=allowed_callers_map(d.allowed_callers),
-        min_free_bytes=d.min_free_mb * 1024 * 1024,
-        max_associations=d.max_associations,
-        acse_timeout=d.acse_timeout_s,
-        dimse_timeout=d.dimse_timeout_s,
-        network_timeout=d.network_timeout_s,
-        ssl_context=server_ssl,
-        maximum_pdu_size=d.max_pdu_kb * 1024,
-        max_dataset_bytes=d.max_dataset_mb * 1024 * 1024,
-        fast_store=d.fast_store,
-        low_latency=d.low_latency,
-    )
+    scp_config = scp_config_from(settings, server_ssl)
     sink: Any = StoreSink(store, on_correction=lambda: scheduler.wake("jobs"))
     if metrics is not None:
         sink = CountingSink(sink, metrics)

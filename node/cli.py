@@ -398,14 +398,8 @@ def _setting(text: str) -> Any:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Run the simulated radiologist over a labelled set (see :mod:`node.evaluate`)."""
     from models.refiners import resolve_method
-    from node.evaluate import (
-        EvaluationConfig,
-        build_refiners,
-        folder_cases,
-        phantom_cases,
-        run_evaluation,
-        write_report,
-    )
+    from node.app import model_tag
+    from node.evaluate import EvaluationConfig, build_refiners, run_evaluation, write_report
 
     settings = _settings(args)
     setup_logging(settings.node.log_level)
@@ -417,49 +411,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.cases < 1:
         raise UsageError("--cases must be at least 1")
     t0 = time.monotonic()
-    device = None if settings.models.device == "auto" else settings.models.device
-    preseg_dir, refine_dir = args.preseg_dir, args.refine_dir
-    if not preseg_dir:
-        from models.demo import build_demo_models
-
-        demo = build_demo_models(settings.model_cache_dir, progress=_text_progress)
-        preseg_dir = str(demo.preseg_dir)
-        refine_dir = refine_dir or (str(demo.refine_dir) if demo.refine_dir else "")
-    from models.nnunet import EnsemblePredictor, ModelError
-    from models.refinement import RefinementModel, RefinementModelError
-
-    try:
-        ensemble = EnsemblePredictor(Path(preseg_dir), device=device)
-    except (ModelError, ValueError) as exc:
-        raise UsageError(f"--preseg-dir: {exc}") from None
+    preseg_dir, refine_dir, ensemble, refine_model = _evaluation_models(args, settings)
     class_names = ensemble.class_names
     if args.missed and args.missed not in class_names[1:]:
         raise UsageError(f"--missed {args.missed!r}: not a class of the ensemble ({', '.join(class_names[1:])})")
-    refine_model = None
-    if refine_dir:
-        try:
-            refine_model = RefinementModel(Path(refine_dir), device=device)
-            refine_model.load()
-        except (RefinementModelError, ValueError) as exc:
-            raise UsageError(f"--refine-dir: {exc}") from None
     node_method, why = resolve_method(settings.refinement.method, have_model=refine_model is not None,
                                       have_ensemble=True)
-    if args.data:
-        try:
-            raw = list(folder_cases(Path(args.data)))[: args.cases]
-        except ValueError as exc:
-            raise UsageError(f"--data: {exc}") from None
-        source = f"labelled volumes in {args.data}"
-    else:
-        raw = list(phantom_cases(args.cases, args.shape, args.seed))
-        source = f"phantoms {'x'.join(map(str, args.shape))}, base seed {args.seed}"
-    if args.missed:
-        source += f"; the ensemble's {args.missed} removed (stress test)"
+    raw, source = _evaluation_cases(args)
     config = EvaluationConfig(selections=args.selections, planes=args.planes, refiners=args.refiners,
                               configured=args.configured, configured_only=args.configured_only,
                               min_dist=args.min_dist, min_uncert=settings.acquisition.min_uncert)
-    from node.app import model_tag
-
     refiners = build_refiners(config.refiners, ensemble=ensemble, refine_model=refine_model,
                               model_version=model_tag(Path(refine_dir)) if refine_dir else "",
                               gamma=settings.refinement.gamma, tta_steps=settings.refinement.tta_steps,
@@ -476,6 +437,51 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     sys.stdout.write(paths["markdown"].read_text())
     sys.stdout.write("\nwrote " + ", ".join(str(p) for p in paths.values()) + "\n")
     return 0
+
+
+def _evaluation_models(args: argparse.Namespace, settings: Settings) -> tuple[str, str, Any, Any]:
+    """Model folders (default: the demo models, built if missing), the ensemble and the refinement model."""
+    from models.nnunet import EnsemblePredictor, ModelError
+    from models.refinement import RefinementModel, RefinementModelError
+
+    device = None if settings.models.device == "auto" else settings.models.device
+    preseg_dir, refine_dir = args.preseg_dir, args.refine_dir
+    if not preseg_dir:
+        from models.demo import build_demo_models
+
+        demo = build_demo_models(settings.model_cache_dir, progress=_text_progress)
+        preseg_dir = str(demo.preseg_dir)
+        refine_dir = refine_dir or (str(demo.refine_dir) if demo.refine_dir else "")
+    try:
+        ensemble = EnsemblePredictor(Path(preseg_dir), device=device)
+    except (ModelError, ValueError) as exc:
+        raise UsageError(f"--preseg-dir: {exc}") from None
+    refine_model = None
+    if refine_dir:
+        try:
+            refine_model = RefinementModel(Path(refine_dir), device=device)
+            refine_model.load()
+        except (RefinementModelError, ValueError) as exc:
+            raise UsageError(f"--refine-dir: {exc}") from None
+    return preseg_dir, refine_dir, ensemble, refine_model
+
+
+def _evaluation_cases(args: argparse.Namespace) -> tuple[list[Any], str]:
+    """The labelled cases (``--data`` or held-out phantoms) and how the report names them."""
+    from node.evaluate import folder_cases, phantom_cases
+
+    if args.data:
+        try:
+            raw = list(folder_cases(Path(args.data)))[: args.cases]
+        except ValueError as exc:
+            raise UsageError(f"--data: {exc}") from None
+        source = f"labelled volumes in {args.data}"
+    else:
+        raw = list(phantom_cases(args.cases, args.shape, args.seed))
+        source = f"phantoms {'x'.join(map(str, args.shape))}, base seed {args.seed}"
+    if args.missed:
+        source += f"; the ensemble's {args.missed} removed (stress test)"
+    return raw, source
 
 
 def _text_progress(message: Any, *rest: Any) -> None:
@@ -531,6 +537,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--descending", action="store_true", help="instance order against the slice normal")
     s.set_defaults(func=cmd_make_study)
 
+    _add_train_parsers(sub)
+    _add_evaluate_parser(sub)
+
+    s = sub.add_parser("demo", help="the whole i3Deep loop on loopback with tiny models")
+    s.add_argument("--size", type=_shape, default=None, help="study size, slices x rows x columns")
+    s.add_argument("--workdir", default="var/demo", help="folder for the demo's state and report")
+    s.add_argument("--keep", action="store_true", help="keep the workdir of a previous run")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+
+def _add_train_parsers(sub: Any) -> None:
+    """``i3node train demo-models | preseg | refine``."""
     s = sub.add_parser("train", help="train models")
     tsub = s.add_subparsers(dest="what", required=True, metavar="WHAT")
     t = tsub.add_parser("demo-models", help="tiny presegmentation ensemble + refinement model on synthetic phantoms")
@@ -558,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--no-distance", action="store_true", help="leave out the distance channels")
         t.set_defaults(func=cmd_train_model)
 
+
+def _add_evaluate_parser(sub: Any) -> None:
+    """``i3node evaluate``: the simulated radiologist."""
     from models.evaluation import SELECTIONS, Setting
     from models.refiners import METHODS
 
@@ -580,13 +603,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--missed", default="", help="stress test: remove this class from the ensemble's output")
     s.add_argument("--out", default="var/evaluate", help="report folder")
     s.set_defaults(func=cmd_evaluate)
-
-    s = sub.add_parser("demo", help="the whole i3Deep loop on loopback with tiny models")
-    s.add_argument("--size", type=_shape, default=None, help="study size, slices x rows x columns")
-    s.add_argument("--workdir", default="var/demo", help="folder for the demo's state and report")
-    s.add_argument("--keep", action="store_true", help="keep the workdir of a previous run")
-    s.set_defaults(func=cmd_demo)
-    return p
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -336,37 +336,66 @@ def _loop(app: Any, inbox: ViewerInbox, settings: Settings, paths: list[Path], s
           gt: np.ndarray, class_names: list[str], report: DemoReport, say: Progress, timeout_s: float) -> None:
     """The loop itself; fills ``report`` and returns at the first failed step."""
     from dicom.codes import default_segment_specs
-    from dicom.provenance import UidFactory
-    from dicom.scu import send_datasets, send_paths
-    from dicom.seg_reader import read_segmentation
-    from dicom.series import load_series
-    from node.store import JobState
 
     segments = default_segment_specs()
-    store = app.store
+    if not _send_study(app, paths, report, say):
+        return
+    job_id = _await_ai_outputs(app.store, inbox, report, say, timeout_s)
+    if job_id is None:
+        return
+    ai_seg, ai_labels, named, corrected = _radiologist_corrects(inbox, source, gt, segments, report, say)
+    refined = _await_refined(app, inbox, source, segments, corrected, str(ai_seg.SOPInstanceUID), job_id, report,
+                             timeout_s)
+    if refined is None:
+        return
+    report.dice_preseg = _dice_by_class(ai_labels, gt, class_names)
+    report.dice_refined = _dice_by_class(refined, gt, class_names)
+    made_by = app.store.job_data(job_id).get("refiners", {}).get("2", {})
+    report.refined_by = f"{made_by.get('method', '?')} ({made_by.get('version', '?')})" if made_by else ""
+    try:
+        _compare_refiners(report, settings, job_id, paths, gt, corrected, named, refined, class_names)
+    except Exception as exc:  # the comparison is a convenience; the loop result stands
+        report.problems.append(f"could not compare refiners: {exc}")
+    _check_outcome(app.store, job_id, gt, report)
+    _draw(report, settings, job_id, paths, gt, ai_labels, refined)
+
+
+def _send_study(app: Any, paths: list[Path], report: DemoReport, say: Progress) -> bool:
+    """The PACS stand-in sends the study to the node."""
+    from dicom.scu import send_paths
+
     say(f"PACS stand-in sends {len(paths)} CT instances to I3NODE@127.0.0.1:{app.port}")
     t0 = time.monotonic()
     sent = send_paths(paths, ae_title="I3NODE", host="127.0.0.1", port=app.port, calling_ae="DEMO_PACS")
     report.timings["C-STORE study -> node"] = time.monotonic() - t0
-    report.n_received = store.count_instances()
+    report.n_received = app.store.count_instances()
     if not sent.ok:
         report.problems.append(f"{sent.n_failure} instance(s) refused by the node")
-        return
+    return sent.ok
 
+
+def _await_ai_outputs(store: Any, inbox: ViewerInbox, report: DemoReport, say: Progress, timeout_s: float) -> int | None:
+    """Wait for the AI SEG and the key-image note at the viewer; the job's id."""
     say("waiting for the study to become stable, then for the AI SEG and key-image note at the viewer")
     t0 = time.monotonic()
     if not _wait(lambda: len(inbox.of_class(KOS_SOP_CLASS)) >= 1 and len(inbox.of_class(SEG_SOP_CLASS)) >= 1, timeout_s):
         jobs = store.jobs()
         report.problems.append(f"no SEG+KOS at the viewer (jobs: {[(j['id'], j['state'], j['reason']) for j in jobs]})")
-        return
+        return None
     report.timings["last instance -> SEG+KOS at viewer (incl. 2 s wait)"] = time.monotonic() - t0
-    job = store.jobs()[0]
-    data = store.job_data(int(job["id"]))
+    job_id = int(store.jobs()[0]["id"])
+    data = store.job_data(job_id)
     for k, v in data.get("timings", {}).items():
         report.timings[f"  node: {k}"] = float(v)
     report.picks = list(data.get("picks", []))
+    return job_id
 
-    # The radiologist reads the note in the viewer and corrects exactly the named slices.
+
+def _radiologist_corrects(inbox: ViewerInbox, source: Sequence[Dataset], gt: np.ndarray, segments: Any,
+                          report: DemoReport, say: Progress) -> tuple[Dataset, np.ndarray, dict[int, list[int]], np.ndarray]:
+    """The radiologist reads the note in the viewer and corrects exactly the named slices."""
+    from dicom.seg_reader import read_segmentation
+
     kos = pydicom.dcmread(inbox.of_class(KOS_SOP_CLASS)[0].path)
     images = [pydicom.dcmread(i.path, stop_before_pixels=True) for i in inbox.instances
               if i.sop_class_uid not in (KOS_SOP_CLASS, SEG_SOP_CLASS)]
@@ -376,49 +405,58 @@ def _loop(app: Any, inbox: ViewerInbox, settings: Settings, paths: list[Path], s
     n_named = sum(len(v) for v in named.values())
     if n_named != len(report.picks):
         report.problems.append(f"the KOS names {n_named} slices but the node picked {len(report.picks)}")
-    corrected = correct_named_slices(ai_labels, gt, named)
     say(f"radiologist corrects the {n_named} named slices and the viewer sends the edited SEG back")
+    return ai_seg, ai_labels, named, correct_named_slices(ai_labels, gt, named)
+
+
+def _await_refined(app: Any, inbox: ViewerInbox, source: Sequence[Dataset], segments: Any, corrected: np.ndarray,
+                   ai_seg_uid: str, job_id: int, report: DemoReport, timeout_s: float) -> np.ndarray | None:
+    """The viewer sends the corrected SEG; wait for the refined SEG and read it."""
+    from dicom.provenance import UidFactory
+    from dicom.scu import send_datasets
+    from dicom.seg_reader import read_segmentation
+
+    store = app.store
     uids = UidFactory("2.25")
     edit = viewer_style_seg(source, corrected, segments, series_uid=uids.new(), sop_uid=uids.new())
     t0 = time.monotonic()
     res = send_datasets([edit], ae_title="I3NODE", host="127.0.0.1", port=app.port, calling_ae="VIEWER")
     if not res.ok:
         report.problems.append("the node refused the corrected SEG")
-        return
+        return None
     if not _wait(lambda: len(inbox.of_class(SEG_SOP_CLASS)) >= 2, timeout_s):
-        report.problems.append(f"no refined SEG at the viewer (job: {dict(store.job(int(job['id'])) or {})})")
-        return
+        report.problems.append(f"no refined SEG at the viewer (job: {dict(store.job(job_id) or {})})")
+        return None
     report.timings["corrected SEG sent -> refined SEG at viewer"] = time.monotonic() - t0
-    data = store.job_data(int(job["id"]))
-    for k, v in data.get("timings", {}).items():
-        name = f"  node: {k}"
-        if name not in report.timings:
-            report.timings[name] = float(v)
-    refined_seg = pydicom.dcmread(
-        [i for i in inbox.of_class(SEG_SOP_CLASS) if i.sop_uid != ai_seg.SOPInstanceUID][0].path
-    )
-    refined = read_segmentation(refined_seg, source, segments).labels
+    for k, v in store.job_data(job_id).get("timings", {}).items():
+        report.timings.setdefault(f"  node: {k}", float(v))
+    refined_seg = pydicom.dcmread([i for i in inbox.of_class(SEG_SOP_CLASS) if i.sop_uid != ai_seg_uid][0].path)
     if "refined v2" not in str(refined_seg.SeriesDescription).lower():
         report.problems.append(f"unexpected refined series description {refined_seg.SeriesDescription!r}")
-    report.dice_preseg = _dice_by_class(ai_labels, gt, class_names)
-    report.dice_refined = _dice_by_class(refined, gt, class_names)
-    job_data = store.job_data(int(job["id"]))
-    made_by = job_data.get("refiners", {}).get("2", {})
-    report.refined_by = f"{made_by.get('method', '?')} ({made_by.get('version', '?')})" if made_by else ""
-    try:
-        _compare_refiners(report, settings, int(job["id"]), paths, gt, corrected, named, refined, class_names)
-    except Exception as exc:  # the comparison is a convenience; the loop result stands
-        report.problems.append(f"could not compare refiners: {exc}")
+    return read_segmentation(refined_seg, source, segments).labels
+
+
+def _check_outcome(store: Any, job_id: int, gt: np.ndarray, report: DemoReport) -> None:
+    """The refined SEG must beat the presegmentation, and the job must be done."""
+    from node.store import JobState
+
     report.axial_fg_slices = int(np.count_nonzero(gt.reshape(gt.shape[0], -1).any(axis=1)))
     report.annotation_ratio = len(report.picks) / max(1, report.axial_fg_slices)
     mean_pre = float(np.mean(list(report.dice_preseg.values())))
     mean_ref = float(np.mean(list(report.dice_refined.values())))
     if not mean_ref > mean_pre:
         report.problems.append(f"refinement did not improve mean Dice ({mean_pre:.3f} -> {mean_ref:.3f})")
-    if store.job(int(job["id"]))["state"] != JobState.DONE.value:
+    if store.job(job_id)["state"] != JobState.DONE.value:
         report.problems.append("the job did not reach 'done'")
+
+
+def _draw(report: DemoReport, settings: Settings, job_id: int, paths: list[Path], gt: np.ndarray,
+          ai_labels: np.ndarray, refined: np.ndarray) -> None:
+    """The before/after PNG (a convenience: a failure is reported, the loop result stands)."""
+    from dicom.series import load_series
+
     try:
-        arrays = np.load(settings.outputs_dir / f"job-{job['id']}" / "preseg.npz")
+        arrays = np.load(settings.outputs_dir / f"job-{job_id}" / "preseg.npz")
         volume = load_series(paths).array
         dice = {"presegmentation": report.dice_preseg, "refined v2": report.dice_refined, **report.dice_alternatives}
         report.png = write_demo_png(
