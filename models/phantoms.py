@@ -47,6 +47,9 @@ class Phantom:
     class_names: tuple[str, ...] = ("background", "organ", "lesion")
 
 
+_Coords = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 def _grid(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalised voxel-centre coordinates in [-1, 1] per axis (broadcastable)."""
     axes = [np.linspace(-1.0, 1.0, n, dtype=np.float64) for n in shape]
@@ -150,22 +153,43 @@ def make_phantom(
     shp, spc = _validate(shape, spacing)
     rng = np.random.default_rng(int(seed))
     coords = _grid(shp)
-    z, y, x = coords
+    # The draws happen in a fixed order (body, spine, organ, lesion, intensities): a phantom
+    # is defined by its seed, and the demo models and held-out sets rely on that.
+    body, body_shape = _body(rng, coords, shp)
+    spine = _spine(rng, coords, shp, body_shape[0])
+    organ = _organ(rng, coords, shp, body, spine)
+    lesion = _lesion(rng, coords, shp, organ)
+    labels = np.zeros(shp, dtype=np.uint8)
+    labels[organ] = 1
+    labels[lesion] = 2
+    image = _intensities(rng, coords, shp, body, body_shape, spine, organ, lesion)
+    return Phantom(image=image.astype(np.float32), labels=labels, spacing=spc)
 
-    # Body: elliptical cylinder along z, slightly wobbling with z.
+
+def _body(rng: np.random.Generator, coords: _Coords,
+          shp: tuple[int, int, int]) -> tuple[np.ndarray, tuple[float, float, np.ndarray]]:
+    """Body: elliptical cylinder along z, slightly wobbling with z; the mask and ``(by, bx, wobble)``."""
+    z, y, x = coords
     by = rng.uniform(0.70, 0.82)
     bx = rng.uniform(0.84, 0.93)
     wobble = 1.0 + 0.03 * np.cos(np.pi * rng.uniform(0.5, 1.5) * z + rng.uniform(0, 2 * np.pi))
     body = (y / (by * wobble)) ** 2 + (x / (bx * wobble)) ** 2 <= 1.0
-    body = np.broadcast_to(body, shp)
+    return np.broadcast_to(body, shp), (by, bx, wobble)
 
-    # Bone-like structure (spine): posterior cylinder inside the body.
+
+def _spine(rng: np.random.Generator, coords: _Coords, shp: tuple[int, int, int],
+           by: float) -> np.ndarray:
+    """Bone-like structure: a posterior cylinder inside the body."""
+    _, y, x = coords
     spine_y = by * rng.uniform(0.62, 0.72)
     spine_x = rng.uniform(-0.05, 0.05)
     spine_r = rng.uniform(0.09, 0.13)
-    spine = np.broadcast_to(((y - spine_y) / spine_r) ** 2 + ((x - spine_x) / spine_r) ** 2 <= 1.0, shp)
+    return np.broadcast_to(((y - spine_y) / spine_r) ** 2 + ((x - spine_x) / spine_r) ** 2 <= 1.0, shp)
 
-    # Organ: rotated, smoothly deformed ellipsoid away from the volume edges.
+
+def _organ(rng: np.random.Generator, coords: _Coords, shp: tuple[int, int, int],
+           body: np.ndarray, spine: np.ndarray) -> np.ndarray:
+    """Organ: a rotated, smoothly deformed ellipsoid inside the body, away from the edges."""
     organ_axes = np.array([rng.uniform(0.60, 0.72), rng.uniform(0.42, 0.52), rng.uniform(0.48, 0.62)])
     organ_center = np.array([rng.uniform(-0.08, 0.08), rng.uniform(-0.12, 0.02), rng.uniform(-0.12, 0.12)])
     organ_rot = _rotation(rng, 35.0, 12.0)
@@ -183,8 +207,12 @@ def make_phantom(
     organ = ndimage.binary_opening(organ, iterations=1) if organ.sum() > 200 else organ
     if not organ.any():  # pragma: no cover - defensive, geometry makes this impossible
         organ = (d_organ <= 1.0) & margin
+    return np.asarray(organ)
 
-    # Lesion: small deformed ellipsoid centred deep inside the organ.
+
+def _lesion(rng: np.random.Generator, coords: _Coords, shp: tuple[int, int, int],
+            organ: np.ndarray) -> np.ndarray:
+    """Lesion: a small deformed ellipsoid centred deep inside the organ."""
     inside = ndimage.distance_transform_edt(organ, sampling=tuple(2.0 / (n - 1) for n in shp))
     depth_max = float(inside.max())
     radius = rng.uniform(0.40, 0.65) * depth_max
@@ -199,12 +227,15 @@ def make_phantom(
     if not lesion.any():  # pragma: no cover - defensive, the centre voxel is always inside
         lesion = np.zeros(shp, dtype=bool)
         lesion[tuple(cidx)] = True
+    return np.asarray(lesion)
 
-    labels = np.zeros(shp, dtype=np.uint8)
-    labels[organ] = 1
-    labels[lesion] = 2
 
-    # Intensities.
+def _intensities(rng: np.random.Generator, coords: _Coords, shp: tuple[int, int, int],
+                 body: np.ndarray, body_shape: tuple[float, float, np.ndarray], spine: np.ndarray,
+                 organ: np.ndarray, lesion: np.ndarray) -> np.ndarray:
+    """HU-like values: tissue classes, fat rim, texture, bias field, blur and noise."""
+    _, y, x = coords
+    by, bx, wobble = body_shape
     soft = rng.uniform(15.0, 30.0)
     organ_hu = rng.uniform(55.0, 68.0)
     hypo = rng.random() < 0.65
@@ -221,12 +252,9 @@ def make_phantom(
     image += np.where(body, 4.0 * texture, 0.0)
     bias = _smooth_field(rng, coords, n_waves=5, max_freq=1.0)
     image += np.where(body, rng.uniform(6.0, 12.0) * bias, 0.0)
-
     image = ndimage.gaussian_filter(image, sigma=(0.5, 0.7, 0.7), mode="nearest")
     noise_sigma = rng.uniform(12.0, 20.0)
-    image += rng.normal(0.0, noise_sigma, size=shp)
-
-    return Phantom(image=image.astype(np.float32), labels=labels, spacing=spc)
+    return np.asarray(image + rng.normal(0.0, noise_sigma, size=shp))
 
 
 def make_phantoms(
