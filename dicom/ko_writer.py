@@ -83,7 +83,7 @@ def describe_picks(picks: Sequence[SlicePick], shape: Sequence[int], images: Seq
         One line per pick, e.g. ``"Please review axial slice 15 of 32 (index 14,
         z = 35.0 mm; series 1, image 18), rank 1 of 9, uncertainty 0.412."``
     """
-    order = sorted(range(len(picks)), key=lambda i: (picks[i].rank, picks[i].axis, picks[i].index))
+    order = _rank_order(picks)
     total = len(picks)
     lines = [f"i3node asks for review of {total} slice(s), most uncertain first (AI output, research use):"]
     for i in order:
@@ -151,6 +151,41 @@ def build_key_object_selection(
         message names the argument).
     """
     geometry = SourceGeometry.from_datasets(source_datasets)
+    _check_arguments(geometry, picks, seg, title, series_uid, sop_uid, series_number)
+    images = _picked_images(geometry, picks, _mpr_by_location(geometry, mpr_datasets))
+    referenced = _referenced_objects(picks, images, seg)
+    content = hd.ko.KeyObjectSelection(
+        document_title=title,
+        referenced_objects=referenced,
+        description=describe_picks(picks, geometry.shape, images),
+    )
+    return hd.ko.KeyObjectSelectionDocument(
+        evidence=referenced,
+        content=content,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        series_description=series_description,
+    )
+
+
+def _rank_order(picks: Sequence[SlicePick]) -> list[int]:
+    """Indices of ``picks`` by rank, then axis and index."""
+    return sorted(range(len(picks)), key=lambda i: (picks[i].rank, picks[i].axis, picks[i].index))
+
+
+def _check_arguments(
+    geometry: SourceGeometry,
+    picks: Sequence[SlicePick],
+    seg: Dataset,
+    title: Code,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+) -> None:
+    """Validate the picks, the title, the new UIDs and series number, and the SEG."""
     if not picks:
         raise ValueError("picks must not be empty")
     if not all(isinstance(p, SlicePick) for p in picks):
@@ -169,15 +204,24 @@ def build_key_object_selection(
     if str(seg.get("FrameOfReferenceUID", "")) != geometry.frame_of_reference_uid:
         raise ValueError("seg must share the FrameOfReferenceUID of source_datasets")
 
-    mpr_by_location: dict[tuple[int, int], Dataset] = {}
+
+def _mpr_by_location(geometry: SourceGeometry, mpr_datasets: Sequence[Dataset]) -> dict[tuple[int, int], Dataset]:
+    """Map (axis, index) to the reformatted image of the source series at that location."""
+    by_location: dict[tuple[int, int], Dataset] = {}
     for i, ds in enumerate(mpr_datasets):
         if str(ds.get("StudyInstanceUID", "")) != geometry.study_uid:
             raise ValueError(f"mpr_datasets[{i}] belongs to another study")
         location = locate_reformatted_image(ds, geometry.datasets)
         if location is None:
             raise ValueError(f"mpr_datasets[{i}] is not a coronal/sagittal reformat of source_datasets")
-        mpr_by_location[(int(location[0]), location[1])] = ds
+        by_location[(int(location[0]), location[1])] = ds
+    return by_location
 
+
+def _picked_images(
+    geometry: SourceGeometry, picks: Sequence[SlicePick], mpr_by_location: dict[tuple[int, int], Dataset]
+) -> list[Dataset]:
+    """The image to reference per pick: a source instance (axial) or a reformatted image."""
     images: list[Dataset] = []
     for i, pick in enumerate(picks):
         n = geometry.shape[pick.axis]
@@ -192,28 +236,16 @@ def build_key_object_selection(
                     f"mpr_datasets has no {_AXIS_NAMES[pick.axis]} image at index {pick.index} for picks[{i}]"
                 )
             images.append(image)
+    return images
 
+
+def _referenced_objects(picks: Sequence[SlicePick], images: Sequence[Dataset], seg: Dataset) -> list[Dataset]:
+    """The picked images in rank order, then the SEG, each instance once."""
     referenced: list[Dataset] = []
     seen: set[str] = set()
-    order = sorted(range(len(picks)), key=lambda i: (picks[i].rank, picks[i].axis, picks[i].index))
-    for ds in [*(images[i] for i in order), seg]:
+    for ds in [*(images[i] for i in _rank_order(picks)), seg]:
         uid = str(ds.SOPInstanceUID)
         if uid not in seen:
             seen.add(uid)
             referenced.append(ds)
-
-    content = hd.ko.KeyObjectSelection(
-        document_title=title,
-        referenced_objects=referenced,
-        description=describe_picks(picks, geometry.shape, images),
-    )
-    return hd.ko.KeyObjectSelectionDocument(
-        evidence=referenced,
-        content=content,
-        series_instance_uid=series_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_uid,
-        instance_number=instance_number,
-        manufacturer=MANUFACTURER,
-        series_description=series_description,
-    )
+    return referenced

@@ -26,18 +26,22 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    UID,
-    CTImageStorage,
-    ExplicitVRLittleEndian,
-    generate_uid,
-)
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, generate_uid
 
+from dicom.modules import (
+    file_meta,
+    set_frame_of_reference,
+    set_general_equipment,
+    set_general_series,
+    set_image_pixel,
+    set_image_plane,
+    set_sop_common,
+)
 from dicom.values import format_ds
 
 __all__ = [
@@ -72,6 +76,8 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _INT16_MIN = int(np.iinfo(np.int16).min)
 _INT16_MAX = int(np.iinfo(np.int16).max)
 _ORTHO_TOL = 1e-4
+#: Default VOI LUT window (soft tissue), HU.
+_WINDOW_CENTER, _WINDOW_WIDTH = 40.0, 400.0
 
 
 @dataclass(frozen=True)
@@ -222,140 +228,20 @@ def build_ct_series(
     ValueError
         If an argument is malformed; the message names the argument.
     """
-    arr = np.asarray(image)
-    if arr.ndim != 3:
-        raise ValueError(f"image must be 3-D (z, y, x), got shape {arr.shape}")
-    if min(arr.shape) < 1:
-        raise ValueError(f"image must not be empty, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-        raise ValueError(f"image must be real-valued, got dtype {arr.dtype}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("image contains NaN or infinite values")
-    stored = np.rint(arr.astype(np.float64))
-    lo, hi = float(stored.min()), float(stored.max())
-    if lo < _INT16_MIN or hi > _INT16_MAX:
-        raise ValueError(
-            f"image values must fit signed 16-bit after rounding, got range [{lo}, {hi}]"
-        )
-    pixels = stored.astype("<i2")
-    nz, ny, nx = pixels.shape
-    if ny > 65535 or nx > 65535:
-        raise ValueError(f"image in-plane size too large: {ny} x {nx}")
-
+    pixels = _check_image(image)
     sz, sy, sx = _check_spacing(spacing)
     row, col, normal = _directions(orientation)
-    if origin is None:
-        org = np.asarray(centred_origin(pixels.shape, (sz, sy, sx), orientation))
-    else:
-        org = np.asarray([float(v) for v in origin], dtype=np.float64)
-        if org.shape != (3,) or not np.all(np.isfinite(org)):
-            raise ValueError(f"origin must be 3 finite numbers, got {origin!r}")
-    if not isinstance(series_number, int) or series_number < 0:
-        raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
-    if not isinstance(patient, PatientInfo):
-        raise ValueError("patient must be a PatientInfo")
-
-    _check_uid("uid_root", uid_root, max_len=40)
-    study_uid = study_uid if study_uid is not None else make_uid(uid_root)
-    series_uid = series_uid if series_uid is not None else make_uid(uid_root)
-    for_uid = frame_of_reference_uid if frame_of_reference_uid is not None else make_uid(uid_root)
-    _check_uid("study_uid", study_uid)
-    _check_uid("series_uid", series_uid)
-    _check_uid("frame_of_reference_uid", for_uid)
-
-    when = study_datetime if study_datetime is not None else _dt.datetime.now(_dt.UTC)
-    date_str = when.strftime("%Y%m%d")
-    time_str = when.strftime("%H%M%S")
-    iop = [format_ds(v) for v in (*row, *col)]
-    window_center, window_width = 40.0, 400.0
-
-    order = list(range(nz))
-    if descending:
-        order.reverse()
-
-    datasets: list[Dataset] = []
-    for instance_number, k in enumerate(order, start=1):
-        sop_uid = make_uid(uid_root, series_uid, "slice", str(k))
-        position = org + k * sz * normal
-
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = "I3NODE_0_1"
-
-        ds = Dataset()
-        ds.file_meta = meta
-        # SOP Common
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.InstanceCreationDate = date_str
-        ds.InstanceCreationTime = time_str
-        # Patient
-        ds.PatientName = patient.name
-        ds.PatientID = patient.id
-        ds.PatientBirthDate = patient.birth_date
-        ds.PatientSex = patient.sex
-        # General Study
-        ds.StudyInstanceUID = study_uid
-        ds.StudyDate = date_str
-        ds.StudyTime = time_str
-        ds.ReferringPhysicianName = ""
-        ds.StudyID = "1"
-        ds.AccessionNumber = accession_number
-        ds.StudyDescription = study_description
-        # General Series
-        ds.Modality = "CT"
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = series_number
-        ds.SeriesDate = date_str
-        ds.SeriesTime = time_str
-        ds.SeriesDescription = series_description
-        ds.BodyPartExamined = "ABDOMEN"
-        ds.PatientPosition = "HFS"
-        # Frame of Reference
-        ds.FrameOfReferenceUID = for_uid
-        ds.PositionReferenceIndicator = ""
-        # General Equipment
-        ds.Manufacturer = "i3node"
-        ds.ManufacturerModelName = "synthetic"
-        ds.SoftwareVersions = "i3node"
-        # General Image / General Acquisition
-        ds.InstanceNumber = instance_number
-        ds.AcquisitionNumber = 1
-        ds.ContentDate = date_str
-        ds.ContentTime = time_str
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.BurnedInAnnotation = "NO"
-        # Image Plane
-        ds.PixelSpacing = [format_ds(sy), format_ds(sx)]
-        ds.ImageOrientationPatient = iop
-        ds.ImagePositionPatient = [format_ds(v) for v in position]
-        ds.SliceThickness = format_ds(sz)
-        ds.SliceLocation = format_ds(float(np.dot(position, normal)))
-        # Image Pixel
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ny
-        ds.Columns = nx
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.add_new(0x7FE00010, "OW", np.ascontiguousarray(pixels[k]).tobytes())
-        # CT Image
-        ds.RescaleIntercept = "0"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.KVP = "120"
-        # VOI LUT
-        ds.WindowCenter = format_ds(window_center)
-        ds.WindowWidth = format_ds(window_width)
-        ds.VOILUTFunction = "LINEAR"
-        datasets.append(ds)
-    return datasets
+    org = _check_origin(origin, pixels.shape, (sz, sy, sx), orientation)
+    _check_series_args(series_number, patient)
+    uids = _series_uids(uid_root, study_uid, series_uid, frame_of_reference_uid)
+    series = _CtSeries(
+        uids=uids, uid_root=uid_root, patient=patient, accession_number=accession_number,
+        study_description=study_description, series_description=series_description, series_number=series_number,
+        when=study_datetime if study_datetime is not None else _dt.datetime.now(_dt.UTC),
+        spacing=(sz, sy, sx), origin=org, row=row, col=col, normal=normal,
+    )
+    order = range(pixels.shape[0] - 1, -1, -1) if descending else range(pixels.shape[0])
+    return [_ct_slice(series, number, k, pixels[k]) for number, k in enumerate(order, start=1)]
 
 
 def write_datasets(datasets: Sequence[Dataset], out_dir: str | Path) -> list[Path]:
@@ -423,9 +309,167 @@ def write_study(
 # -- helpers -----------------------------------------------------------------
 
 
+class _SeriesUids(NamedTuple):
+    """Study, series and frame of reference UIDs of a synthetic series."""
+
+    study: str
+    series: str
+    frame_of_reference: str
+
+
+@dataclass(frozen=True)
+class _CtSeries:
+    """What every slice of one synthetic CT series shares."""
+
+    uids: _SeriesUids
+    uid_root: str
+    patient: PatientInfo
+    accession_number: str
+    study_description: str
+    series_description: str
+    series_number: int
+    when: _dt.datetime
+    spacing: tuple[float, float, float]
+    origin: npt.NDArray[np.float64]
+    row: npt.NDArray[np.float64]
+    col: npt.NDArray[np.float64]
+    normal: npt.NDArray[np.float64]
+
+    @property
+    def date(self) -> str:
+        """Study/series/content date, ``YYYYMMDD``."""
+        return self.when.strftime("%Y%m%d")
+
+    @property
+    def time(self) -> str:
+        """Study/series/content time, ``HHMMSS``."""
+        return self.when.strftime("%H%M%S")
+
+
+def _ct_slice(series: _CtSeries, instance_number: int, k: int, pixels: npt.NDArray[np.int16]) -> Dataset:
+    """Assemble the CT Image Storage instance of sorted slice ``k``, module by module."""
+    sop_uid = make_uid(series.uid_root, series.uids.series, "slice", str(k))
+    sz, sy, sx = series.spacing
+    position = series.origin + k * sz * series.normal
+    ds = Dataset()
+    ds.file_meta = file_meta(CTImageStorage, sop_uid, implementation_version_name="I3NODE_0_1")
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    set_sop_common(ds, CTImageStorage, sop_uid, series.date, series.time)
+    _set_patient_study(ds, series)
+    set_general_series(
+        ds, modality="CT", series_uid=series.uids.series, series_number=series.series_number,
+        date=series.date, time=series.time, description=series.series_description,
+    )
+    ds.BodyPartExamined = "ABDOMEN"
+    ds.PatientPosition = "HFS"
+    set_frame_of_reference(ds, series.uids.frame_of_reference, "")
+    set_general_equipment(ds, "i3node", "synthetic", "i3node")
+    # General Image / General Acquisition
+    ds.InstanceNumber = instance_number
+    ds.AcquisitionNumber = 1
+    ds.ContentDate = series.date
+    ds.ContentTime = series.time
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.BurnedInAnnotation = "NO"
+    set_image_plane(
+        ds, pixel_spacing=(sy, sx), orientation=(*series.row, *series.col), position=position, thickness=sz
+    )
+    ds.SliceLocation = format_ds(float(np.dot(position, series.normal)))
+    set_image_pixel(ds, pixels)
+    _set_ct_image(ds)
+    return ds
+
+
+def _set_patient_study(ds: Dataset, series: _CtSeries) -> None:
+    """Set the Patient and General Study modules."""
+    ds.PatientName = series.patient.name
+    ds.PatientID = series.patient.id
+    ds.PatientBirthDate = series.patient.birth_date
+    ds.PatientSex = series.patient.sex
+    ds.StudyInstanceUID = series.uids.study
+    ds.StudyDate = series.date
+    ds.StudyTime = series.time
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = series.accession_number
+    ds.StudyDescription = series.study_description
+
+
+def _set_ct_image(ds: Dataset) -> None:
+    """Set the CT Image (stored value == HU) and VOI LUT (soft-tissue window) attributes."""
+    ds.RescaleIntercept = "0"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    ds.KVP = "120"
+    ds.WindowCenter = format_ds(_WINDOW_CENTER)
+    ds.WindowWidth = format_ds(_WINDOW_WIDTH)
+    ds.VOILUTFunction = "LINEAR"
+
+
 def _check_uid(name: str, uid: str, max_len: int = 64) -> None:
     if not isinstance(uid, str) or not _UID_RE.fullmatch(uid) or len(uid) > max_len:
         raise ValueError(f"{name} must be a UID of digits and dots (max {max_len} chars), got {uid!r}")
+
+
+def _check_image(image: npt.ArrayLike) -> npt.NDArray[np.int16]:
+    """Validate the volume; return it rounded to little-endian int16."""
+    arr = np.asarray(image)
+    if arr.ndim != 3:
+        raise ValueError(f"image must be 3-D (z, y, x), got shape {arr.shape}")
+    if min(arr.shape) < 1:
+        raise ValueError(f"image must not be empty, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"image must be real-valued, got dtype {arr.dtype}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("image contains NaN or infinite values")
+    stored = np.rint(arr.astype(np.float64))
+    lo, hi = float(stored.min()), float(stored.max())
+    if lo < _INT16_MIN or hi > _INT16_MAX:
+        raise ValueError(
+            f"image values must fit signed 16-bit after rounding, got range [{lo}, {hi}]"
+        )
+    pixels = stored.astype("<i2")
+    _, ny, nx = pixels.shape
+    if ny > 65535 or nx > 65535:
+        raise ValueError(f"image in-plane size too large: {ny} x {nx}")
+    return pixels
+
+
+def _check_origin(
+    origin: Sequence[float] | None,
+    shape: Sequence[int],
+    spacing: tuple[float, float, float],
+    orientation: Sequence[float],
+) -> npt.NDArray[np.float64]:
+    """Validate ``origin``; ``None`` gives the centred origin."""
+    if origin is None:
+        return np.asarray(centred_origin(shape, spacing, orientation))
+    org = np.asarray([float(v) for v in origin], dtype=np.float64)
+    if org.shape != (3,) or not np.all(np.isfinite(org)):
+        raise ValueError(f"origin must be 3 finite numbers, got {origin!r}")
+    return org
+
+
+def _check_series_args(series_number: int, patient: PatientInfo) -> None:
+    """Validate ``series_number`` and ``patient``."""
+    if not isinstance(series_number, int) or series_number < 0:
+        raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
+    if not isinstance(patient, PatientInfo):
+        raise ValueError("patient must be a PatientInfo")
+
+
+def _series_uids(
+    uid_root: str, study_uid: str | None, series_uid: str | None, frame_of_reference_uid: str | None
+) -> _SeriesUids:
+    """Validate the given UIDs; generate the missing ones below ``uid_root``."""
+    _check_uid("uid_root", uid_root, max_len=40)
+    study_uid = study_uid if study_uid is not None else make_uid(uid_root)
+    series_uid = series_uid if series_uid is not None else make_uid(uid_root)
+    for_uid = frame_of_reference_uid if frame_of_reference_uid is not None else make_uid(uid_root)
+    _check_uid("study_uid", study_uid)
+    _check_uid("series_uid", series_uid)
+    _check_uid("frame_of_reference_uid", for_uid)
+    return _SeriesUids(study_uid, series_uid, for_uid)
 
 
 def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
