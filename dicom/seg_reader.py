@@ -131,11 +131,13 @@ class SegReadResult:
 
 
 def _code_key(item: Dataset) -> tuple[str, str]:
+    """``(code value, coding scheme)`` of a code item, for matching."""
     value = item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue") or ""
     return (str(value).strip(), str(item.get("CodingSchemeDesignator", "")).strip().upper())
 
 
 def _first(seq: Iterable[Dataset] | None) -> Dataset | None:
+    """First item of a sequence, ``None`` when absent or empty."""
     if seq is None:
         return None
     for item in seq:
@@ -146,6 +148,7 @@ def _first(seq: Iterable[Dataset] | None) -> Dataset | None:
 def _map_segments(
     seg: Dataset, specs: Sequence[SegmentSpec]
 ) -> tuple[dict[int, int], list[UnknownSegment]]:
+    """Map SEG segment numbers to node label values (by type code, category, label); collect the rest."""
     if "SegmentSequence" not in seg or len(seg.SegmentSequence) == 0:
         raise SegReadError("seg has no SegmentSequence")
     by_type: dict[tuple[str, str], list[SegmentSpec]] = {}
@@ -193,6 +196,7 @@ def _map_segments(
 
 
 def _check_references(seg: Dataset, geometry: SourceGeometry) -> None:
+    """Refuse a SEG of another frame of reference or series, or referencing unknown instances."""
     seg_for = str(seg.get("FrameOfReferenceUID", "") or "")
     if seg_for and seg_for != geometry.frame_of_reference_uid:
         raise SegReferenceError(
@@ -218,6 +222,7 @@ def _check_references(seg: Dataset, geometry: SourceGeometry) -> None:
 
 
 def _segmentation_type(seg: Dataset) -> str:
+    """BINARY, FRACTIONAL or LABELMAP; refuse anything that is not a Segmentation."""
     sop_class = str(seg.get("SOPClassUID", ""))
     if sop_class == LABELMAP_SEGMENTATION_STORAGE:
         return "LABELMAP"
@@ -230,11 +235,13 @@ def _segmentation_type(seg: Dataset) -> str:
 
 
 def _shared(seg: Dataset) -> Dataset:
+    """The Shared Functional Groups item (empty when absent)."""
     shared = _first(seg.get("SharedFunctionalGroupsSequence"))
     return shared if shared is not None else Dataset()
 
 
 def _frame_attr(frame: Dataset, shared: Dataset, keyword: str) -> Dataset | None:
+    """First item of a functional group of a frame, falling back to the shared groups."""
     item = _first(frame.get(keyword))
     if item is None:
         item = _first(shared.get(keyword))
@@ -242,6 +249,7 @@ def _frame_attr(frame: Dataset, shared: Dataset, keyword: str) -> Dataset | None
 
 
 def _check_inplane(seg: Dataset, shared: Dataset, frames: Sequence[Dataset], geometry: SourceGeometry) -> None:
+    """Refuse frames with another matrix size, orientation or pixel spacing than the source slices."""
     if int(seg.Rows) != geometry.rows or int(seg.Columns) != geometry.columns:
         raise SegGeometryError(
             f"seg frames are {seg.Rows}x{seg.Columns} but source slices are {geometry.rows}x{geometry.columns}"
@@ -266,6 +274,7 @@ def _check_inplane(seg: Dataset, shared: Dataset, frames: Sequence[Dataset], geo
 def _place_frames(
     seg: Dataset, frames: Sequence[Dataset], shared: Dataset, geometry: SourceGeometry
 ) -> list[int]:
+    """Sorted source slice index of every frame, by per-frame reference or by plane position."""
     index_of = {uid: k for k, uid in enumerate(geometry.sop_uids)}
     sz = geometry.spacing[0]
     tol_normal = PLANE_TOLERANCE_FRACTION * sz
@@ -362,8 +371,25 @@ def read_segmentation(
     seg_type = _segmentation_type(seg)
     _check_references(seg, geometry)
     mapping, unknown = _map_segments(seg, specs)
-
+    frames = _per_frame_groups(seg)
+    shared = _shared(seg)
+    _check_inplane(seg, shared, frames, geometry)
+    slice_index = _place_frames(seg, frames, shared, geometry)
+    pixels = _frame_pixels(seg, len(frames))
     labels = np.zeros(geometry.shape, dtype=np.uint8)
+    if seg_type == "LABELMAP":
+        _paint_labelmap(labels, pixels, slice_index, seg, mapping)
+        return SegReadResult(labels, set(slice_index), mapping, tuple(unknown))
+    threshold, warnings = _inside_threshold(seg, seg_type, pixels)
+    _paint_segment_frames(labels, pixels, slice_index, frames, shared, mapping, seg_type, threshold)
+    return SegReadResult(labels, set(slice_index), mapping, tuple(unknown), tuple(warnings))
+
+
+# -- read_segmentation: frames and pixels ------------------------------------
+
+
+def _per_frame_groups(seg: Dataset) -> list[Dataset]:
+    """Per-frame functional groups; refuse a SEG without frames or Pixel Data, or with a group per frame missing."""
     raw_frames = seg.get("NumberOfFrames", None)
     n_frames = 1 if raw_frames is None or str(raw_frames).strip() == "" else int(raw_frames)
     if n_frames < 1:
@@ -375,27 +401,21 @@ def read_segmentation(
         raise SegReadError(
             f"seg has {n_frames} frames but {len(frames)} PerFrameFunctionalGroupsSequence items"
         )
-    shared = _shared(seg)
-    _check_inplane(seg, shared, frames, geometry)
-    slice_index = _place_frames(seg, frames, shared, geometry)
+    return frames
 
+
+def _frame_pixels(seg: Dataset, n_frames: int) -> npt.NDArray[np.generic]:
+    """Decoded pixel data as ``(frames, rows, columns)``; refuse another number of frames."""
     pixels = _decode_pixels(seg)
     if pixels.ndim == 2:
         pixels = pixels[np.newaxis]
     if pixels.shape[0] != n_frames:
         raise SegReadError(f"seg pixel data holds {pixels.shape[0]} frames, NumberOfFrames is {n_frames}")
+    return pixels
 
-    if seg_type == "LABELMAP":
-        lut = np.zeros(max([0, *[int(s.SegmentNumber) for s in seg.SegmentSequence]]) + 1, dtype=np.uint8)
-        for number, value in mapping.items():
-            lut[number] = value
-        for f, k in enumerate(slice_index):
-            frame = pixels[f]
-            valid = frame < lut.shape[0]
-            values = np.where(valid, lut[np.where(valid, frame, 0)], 0).astype(np.uint8)
-            np.maximum(labels[k], values, out=labels[k])
-        return SegReadResult(labels, set(slice_index), mapping, tuple(unknown))
 
+def _inside_threshold(seg: Dataset, seg_type: str, pixels: npt.NDArray[np.generic]) -> tuple[float, list[str]]:
+    """Pixel value from which a frame pixel is inside its segment, and warnings on a mis-typed FRACTIONAL SEG."""
     threshold: float = 1.0
     warnings: list[str] = []
     if seg_type == "FRACTIONAL":
@@ -407,6 +427,41 @@ def read_segmentation(
                 f"FRACTIONAL seg with MaximumFractionalValue {max_value:g} stores only 0 and 1: read as a "
                 "mis-typed BINARY segmentation (non-zero = inside)"
             )
+    return threshold, warnings
+
+
+# -- read_segmentation: painting the label map -------------------------------
+
+
+def _paint_labelmap(
+    labels: npt.NDArray[np.uint8],
+    pixels: npt.NDArray[np.generic],
+    slice_index: Sequence[int],
+    seg: Dataset,
+    mapping: dict[int, int],
+) -> None:
+    """Paint LABELMAP frames (pixel value = segment number) into ``labels``; higher label values win."""
+    lut = np.zeros(max([0, *[int(s.SegmentNumber) for s in seg.SegmentSequence]]) + 1, dtype=np.uint8)
+    for number, value in mapping.items():
+        lut[number] = value
+    for f, k in enumerate(slice_index):
+        frame = pixels[f]
+        valid = frame < lut.shape[0]
+        values = np.where(valid, lut[np.where(valid, frame, 0)], 0).astype(np.uint8)
+        np.maximum(labels[k], values, out=labels[k])
+
+
+def _paint_segment_frames(
+    labels: npt.NDArray[np.uint8],
+    pixels: npt.NDArray[np.generic],
+    slice_index: Sequence[int],
+    frames: Sequence[Dataset],
+    shared: Dataset,
+    mapping: dict[int, int],
+    seg_type: str,
+    threshold: float,
+) -> None:
+    """Paint BINARY/FRACTIONAL frames (one segment each) into ``labels``; higher label values win."""
     for f, k in enumerate(slice_index):
         ident = _frame_attr(frames[f], shared, "SegmentIdentificationSequence")
         if ident is None or "ReferencedSegmentNumber" not in ident:
@@ -416,8 +471,8 @@ def read_segmentation(
             continue
         frame = pixels[f]
         if seg_type == "BINARY":
-            candidate = frame * np.uint8(label) if frame.dtype == np.uint8 else (frame != 0).astype(np.uint8) * np.uint8(label)
+            inside = frame if frame.dtype == np.uint8 else (frame != 0).astype(np.uint8)
+            candidate = inside * np.uint8(label)
         else:
             candidate = (frame >= threshold).view(np.uint8) * np.uint8(label)
         np.maximum(labels[k], candidate, out=labels[k])
-    return SegReadResult(labels, set(slice_index), mapping, tuple(unknown), tuple(warnings))

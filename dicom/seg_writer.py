@@ -18,6 +18,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from typing import TypedDict
 
 import highdicom as hd
 import numpy as np
@@ -51,6 +52,12 @@ class SegKind(enum.Enum):
     """AI presegmentation (SegmentAlgorithmType AUTOMATIC)."""
     REFINED = "REFINED"
     """Refined segmentation from expert corrections (SEMIAUTOMATIC)."""
+
+
+_ALGORITHM_TYPES: dict[SegKind, hd.seg.SegmentAlgorithmTypeValues] = {
+    SegKind.PRESEG: hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+    SegKind.REFINED: hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+}
 
 
 class SourceGeometryError(ValueError):
@@ -197,6 +204,7 @@ class SourceGeometry:
 
 
 def _software_version() -> str:
+    """Installed i3node version ("0" in a source checkout without install)."""
     try:
         return metadata.version("i3node")
     except metadata.PackageNotFoundError:  # pragma: no cover - source checkout without install
@@ -204,6 +212,7 @@ def _software_version() -> str:
 
 
 def _check_uid(name: str, value: str) -> None:
+    """Refuse anything but a DICOM UID (digits and dots, at most 64 characters)."""
     if not isinstance(value, str) or len(value) > 64 or not _UID_RE.fullmatch(value):
         raise ValueError(f"{name} must be a DICOM UID (digits and dots, at most 64 characters), got {value!r}")
 
@@ -325,6 +334,29 @@ def build_segmentation(
         If an argument is malformed; the message names the argument.
     """
     geometry = SourceGeometry.from_datasets(source_datasets)
+    _check_arguments(kind, version, series_number, instance_number, model_id, model_version)
+    _check_uids(series_uid, sop_uid, uid_root, source_series_uid=geometry.series_uid)
+    specs = _check_segments(segments)
+    segment_numbers = _segment_numbers(labels, specs, geometry.shape)
+    content = _content_identification(kind, version, series_description, content_label)
+    seg = hd.seg.Segmentation(
+        source_images=list(geometry.datasets),
+        **_segmentation_image(segment_numbers, specs, kind, model_id, model_version, keep_empty_frames),
+        **_series_identification(series_uid, series_number, sop_uid, instance_number),
+        **_general_equipment(model_id, model_version, device_serial_number),
+        **content,
+    )
+    _apply_post_fixes(seg, sop_uid=sop_uid, uid_root=uid_root)
+    return seg
+
+
+# -- build_segmentation: argument checks -------------------------------------
+
+
+def _check_arguments(
+    kind: SegKind, version: int, series_number: int, instance_number: int, model_id: str, model_version: str
+) -> None:
+    """Refuse a malformed kind, version, series or instance number, model id or model version."""
     if not isinstance(kind, SegKind):
         raise ValueError(f"kind must be a SegKind, got {kind!r}")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
@@ -336,22 +368,34 @@ def build_segmentation(
     for name, value in (("model_id", model_id), ("model_version", model_version)):
         if not isinstance(value, str) or not value.strip() or len(value) > 64:
             raise ValueError(f"{name} must be a non-empty string of at most 64 characters, got {value!r}")
+
+
+def _check_uids(series_uid: str, sop_uid: str, uid_root: str | None, *, source_series_uid: str) -> None:
+    """Refuse malformed UIDs, and a series UID equal to that of the source series."""
     _check_uid("series_uid", series_uid)
     _check_uid("sop_uid", sop_uid)
     if uid_root is not None:
         _check_uid("uid_root", uid_root)
-    if series_uid == geometry.series_uid:
+    if series_uid == source_series_uid:
         raise ValueError("series_uid must differ from the source SeriesInstanceUID (SEG is a new series)")
+
+
+def _check_segments(segments: Sequence[SegmentSpec]) -> tuple[SegmentSpec, ...]:
+    """Segments as a tuple; refuse an empty sequence, other items than SegmentSpec and repeated label values."""
     specs = tuple(segments)
     if not specs or not all(isinstance(s, SegmentSpec) for s in specs):
         raise ValueError("segments must be a non-empty sequence of SegmentSpec")
     values = [s.label_value for s in specs]
     if len(set(values)) != len(values):
         raise ValueError(f"segments must have unique label values, got {values}")
+    return specs
 
+
+def _check_labels(labels: npt.ArrayLike, shape: tuple[int, int, int]) -> npt.NDArray[np.uint8]:
+    """Label map as uint8; refuse another shape than the source series', non-integer dtypes, values outside 0..255."""
     arr = np.asarray(labels)
-    if arr.shape != geometry.shape:
-        raise ValueError(f"labels must have shape {geometry.shape} (z, y, x) of the source series, got {arr.shape}")
+    if arr.shape != shape:
+        raise ValueError(f"labels must have shape {shape} (z, y, x) of the source series, got {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
         raise ValueError(f"labels must be an integer array, got dtype {arr.dtype}")
     if arr.dtype != np.uint8:
@@ -359,8 +403,16 @@ def build_segmentation(
         if lo < 0 or hi > 255:
             raise ValueError(f"labels must lie in 0..255, got range [{lo}, {hi}]")
         arr = arr.astype(np.uint8)
-    # Label-map style array of segment numbers 1..n (highdicom expands it to one
-    # frame per segment and slice).  Avoid full-volume passes where possible.
+    return arr
+
+
+def _segment_numbers(
+    labels: npt.ArrayLike, specs: Sequence[SegmentSpec], shape: tuple[int, int, int]
+) -> npt.NDArray[np.uint8]:
+    """Label map of segment numbers 1..n in the order of ``specs`` (highdicom expands it to frames)."""
+    arr = _check_labels(labels, shape)
+    values = [s.label_value for s in specs]
+    # Avoid full-volume passes where possible.
     if values == list(range(1, len(values) + 1)):
         segment_numbers = arr
         invalid = int(arr.max()) > len(values)
@@ -373,13 +425,98 @@ def build_segmentation(
     if invalid:
         unknown = sorted(set(np.unique(arr).tolist()) - {0, *values})
         raise ValueError(f"labels contain values {unknown} that are not a label_value of segments")
+    return segment_numbers
 
+
+# -- build_segmentation: highdicom arguments by DICOM module -----------------
+# highdicom derives the rest from the sorted source images: one frame per slice and segment with its
+# Derivation Image and Plane Position items, the shared Pixel Measures and Plane Orientation, the
+# referenced series and the patient/study modules.
+
+
+class _SegmentationImageArgs(TypedDict):
+    """Segmentation Image: BINARY pixel data and segment descriptions."""
+
+    pixel_array: npt.NDArray[np.uint8]
+    segmentation_type: hd.seg.SegmentationTypeValues
+    segment_descriptions: list[hd.seg.SegmentDescription]
+    omit_empty_frames: bool
+
+
+class _SeriesArgs(TypedDict):
+    """General Series and SOP Common: the new series and instance."""
+
+    series_instance_uid: str
+    series_number: int
+    sop_instance_uid: str
+    instance_number: int
+
+
+class _EquipmentArgs(TypedDict):
+    """(Enhanced) General Equipment: the node and the model."""
+
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    device_serial_number: str
+
+
+class _ContentArgs(TypedDict):
+    """Content Identification and SeriesDescription."""
+
+    content_description: str
+    content_creator_name: str
+    content_label: str
+    series_description: str
+
+
+def _segmentation_image(
+    segment_numbers: npt.NDArray[np.uint8],
+    specs: Sequence[SegmentSpec],
+    kind: SegKind,
+    model_id: str,
+    model_version: str,
+    keep_empty_frames: bool,
+) -> _SegmentationImageArgs:
+    """Segmentation Image arguments: one frame per slice and segment, segments described in the order of ``specs``."""
+    return _SegmentationImageArgs(
+        pixel_array=segment_numbers,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(
+            specs, algorithm_type=_ALGORITHM_TYPES[kind], model_id=model_id, model_version=model_version
+        ),
+        omit_empty_frames=not keep_empty_frames,
+    )
+
+
+def _series_identification(series_uid: str, series_number: int, sop_uid: str, instance_number: int) -> _SeriesArgs:
+    """General Series and SOP Common arguments."""
+    return _SeriesArgs(
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+    )
+
+
+def _general_equipment(model_id: str, model_version: str, device_serial_number: str) -> _EquipmentArgs:
+    """(Enhanced) General Equipment arguments; SoftwareVersions names the node and the model (64 characters max)."""
+    return _EquipmentArgs(
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=f"{MANUFACTURER} {_software_version()}; model {model_id} {model_version}"[:64],
+        device_serial_number=device_serial_number,
+    )
+
+
+def _content_identification(
+    kind: SegKind, version: int, series_description: str | None, content_label: str | None
+) -> _ContentArgs:
+    """Content Identification and SeriesDescription, defaults by kind and version; refuse malformed overrides."""
     if kind is SegKind.PRESEG:
-        algorithm_type = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
         default_description = "AI presegmentation (research use)"
         default_label = "AI_PRESEG"
     else:
-        algorithm_type = hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC
         default_description = f"AI refined v{version} (research use)"
         default_label = f"AI_REFINED_V{version}"
     label = content_label if content_label is not None else default_label
@@ -388,28 +525,19 @@ def build_segmentation(
     description = series_description if series_description is not None else default_description
     if not isinstance(description, str) or len(description) > 64:
         raise ValueError("series_description must be a string of at most 64 characters")
-
-    seg = hd.seg.Segmentation(
-        source_images=list(geometry.datasets),
-        pixel_array=segment_numbers,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segment_descriptions(
-            specs, algorithm_type=algorithm_type, model_id=model_id, model_version=model_version
-        ),
-        series_instance_uid=series_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_uid,
-        instance_number=instance_number,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MANUFACTURER,
-        software_versions=f"{MANUFACTURER} {_software_version()}; model {model_id} {model_version}"[:64],
-        device_serial_number=device_serial_number,
+    return _ContentArgs(
         content_description=description,
         content_creator_name=f"{MANUFACTURER}^",
         content_label=label,
-        omit_empty_frames=not keep_empty_frames,
         series_description=description,
     )
+
+
+# -- build_segmentation: post-fixes ------------------------------------------
+
+
+def _apply_post_fixes(seg: hd.seg.Segmentation, *, sop_uid: str, uid_root: str | None) -> None:
+    """Set SegmentsOverlap NO and, with ``uid_root``, a DimensionOrganizationUID below that root."""
     # Derived from a label map: segments cannot overlap.
     seg.SegmentsOverlap = "NO"
     if uid_root is not None and "DimensionOrganizationSequence" in seg:
@@ -420,4 +548,3 @@ def build_segmentation(
             item.DimensionOrganizationUID = new_uid
         for item in seg.get("DimensionIndexSequence", []):
             item.DimensionOrganizationUID = new_uid
-    return seg

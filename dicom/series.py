@@ -279,6 +279,7 @@ class Volume:
         return np.asarray((self.affine() @ np.array([*centre, 1.0]))[:3], dtype=np.float64)
 
     def _axis_direction(self, axis: int) -> npt.NDArray[np.float64]:
+        """Unit direction of increasing index along ``axis``."""
         if axis == 0:
             return self.normal
         if axis == 1:
@@ -388,126 +389,39 @@ def load_series(
     ValueError
         If a tolerance argument is negative or not finite.
     """
-    if not (np.isfinite(spacing_tolerance) and spacing_tolerance >= 0):
-        raise ValueError(f"spacing_tolerance must be a finite number >= 0, got {spacing_tolerance!r}")
-    if not (np.isfinite(spacing_tolerance_mm) and spacing_tolerance_mm >= 0):
-        raise ValueError(f"spacing_tolerance_mm must be a finite number >= 0, got {spacing_tolerance_mm!r}")
+    _check_tolerances(spacing_tolerance, spacing_tolerance_mm)
     if len(sources) == 0:
         raise EmptySeriesError("no instances given")
-
     datasets = [_read(source, index) for index, source in enumerate(sources)]
     series_uid = _check_identity(datasets, require_single_series)
     study_uid = _most_common([str(ds.get("StudyInstanceUID", "")) for ds in datasets])
-
     for index, ds in enumerate(datasets):
         _check_supported(ds, index, series_uid)
-
-    # Orientation
-    iops = [_orientation(ds, index, series_uid) for index, ds in enumerate(datasets)]
-    reference = iops[0]
-    deviating = [i for i, iop in enumerate(iops) if np.max(np.abs(iop - reference)) > _ORIENTATION_TOL]
-    if deviating:
-        seen = _distinct_rows(iops)
-        raise MixedOrientationError(
-            f"{len(seen)} different ImageOrientationPatient values among {len(datasets)} instances "
-            f"({'; '.join(_fmt_vec(v) for v in seen[:4])}); first deviating instance: "
-            f"{_describe(datasets[deviating[0]])}",
-            series_uid=series_uid,
-        )
-    row, col, normal = _directions(reference, series_uid)
-
-    # Frame of reference
-    fors = [str(ds.get("FrameOfReferenceUID", "")) for ds in datasets]
-    distinct_fors = sorted(set(fors))
-    if len(distinct_fors) > 1:
-        raise MixedFrameOfReferenceError(
-            f"instances use {len(distinct_fors)} frames of reference: "
-            f"{', '.join(uid or '<missing>' for uid in distinct_fors)}",
-            series_uid=series_uid,
-        )
-    if not distinct_fors[0]:
-        raise InconsistentGeometryError("FrameOfReferenceUID is missing", series_uid=series_uid)
-
-    # Pixel data present, matrix size and pixel spacing consistent
-    for ds in datasets:
-        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            raise MissingPixelDataError(f"no Pixel Data in {_describe(ds)}", series_uid=series_uid)
-    sizes = {(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) for ds in datasets}
-    if len(sizes) > 1:
-        raise InconsistentGeometryError(
-            f"instances have different matrix sizes (rows x columns): {sorted(sizes)}",
-            series_uid=series_uid,
-        )
-    rows, columns = next(iter(sizes))
-    if rows < 1 or columns < 1:
-        raise InconsistentGeometryError("Rows/Columns missing or zero", series_uid=series_uid)
-    pixel_spacings = np.array([_pixel_spacing(ds, series_uid) for ds in datasets])
-    ps_tol = max(spacing_tolerance * float(pixel_spacings.min()), spacing_tolerance_mm)
-    if float(np.ptp(pixel_spacings[:, 0])) > ps_tol or float(np.ptp(pixel_spacings[:, 1])) > ps_tol:
-        raise InconsistentGeometryError(
-            "instances have different PixelSpacing: "
-            + "; ".join(_fmt_vec(v) for v in _distinct_rows(list(pixel_spacings))[:4]),
-            series_uid=series_uid,
-        )
-    sy, sx = (float(v) for v in np.median(pixel_spacings, axis=0))
-
-    # Sort along the normal
-    positions = np.array([_position(ds, index, series_uid) for index, ds in enumerate(datasets)])
-    along = positions @ normal
-    order = sorted(
-        range(len(datasets)),
-        key=lambda i: (float(along[i]), _instance_number(datasets[i]), str(datasets[i].get("SOPInstanceUID", ""))),
-    )
-    datasets = [datasets[i] for i in order]
-    positions = positions[order]
-    along = along[order]
-
-    _check_duplicates(datasets, along, spacing_tolerance_mm, series_uid)
-
-    # In-plane alignment: every slice must sit on the line origin + t * n
-    offsets = positions - positions[0] - np.outer(along - along[0], normal)
-    inplane_tol = max(spacing_tolerance * min(sy, sx), spacing_tolerance_mm)
-    worst = int(np.argmax(np.linalg.norm(offsets, axis=1)))
-    if float(np.linalg.norm(offsets[worst])) > inplane_tol:
-        raise InconsistentGeometryError(
-            "slice positions are not aligned along the slice normal (gantry tilt or sheared "
-            f"series): {_describe(datasets[worst])} is offset by {np.linalg.norm(offsets[worst]):.4g} mm "
-            "in-plane from the first slice",
-            series_uid=series_uid,
-        )
-
-    sz = _slice_spacing(datasets, along, spacing_tolerance, spacing_tolerance_mm, series_uid)
-
-    array = np.empty((len(datasets), rows, columns), dtype=np.float32)
-    for k, ds in enumerate(datasets):
-        array[k] = _rescaled_pixels(ds, rows, columns, series_uid)
-
-    modality = _most_common([str(ds.get("Modality", "")) for ds in datasets])
-    volume = Volume(
-        array=array,
-        spacing=(float(sz), sy, sx),
-        origin=(float(positions[0][0]), float(positions[0][1]), float(positions[0][2])),
-        orientation=tuple(float(v) for v in reference),
-        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in datasets),
-        study_instance_uid=study_uid,
-        series_instance_uid=series_uid,
-        frame_of_reference_uid=distinct_fors[0],
-        modality=modality,
-    )
+    grid = _check_geometry(datasets, spacing_tolerance, spacing_tolerance_mm, series_uid)
+    volume = _assemble(grid, study_uid, series_uid)
     log.debug(
         "assembled series %s: %d slices, shape %s, spacing %s mm",
         series_uid,
-        len(datasets),
+        len(grid.datasets),
         volume.shape,
         tuple(round(s, 4) for s in volume.spacing),
     )
     return volume
 
 
-# -- helpers -----------------------------------------------------------------
+# -- helpers: reading and identity -------------------------------------------
+
+
+def _check_tolerances(spacing_tolerance: float, spacing_tolerance_mm: float) -> None:
+    """Refuse negative or non-finite tolerance arguments."""
+    if not (np.isfinite(spacing_tolerance) and spacing_tolerance >= 0):
+        raise ValueError(f"spacing_tolerance must be a finite number >= 0, got {spacing_tolerance!r}")
+    if not (np.isfinite(spacing_tolerance_mm) and spacing_tolerance_mm >= 0):
+        raise ValueError(f"spacing_tolerance_mm must be a finite number >= 0, got {spacing_tolerance_mm!r}")
 
 
 def _read(source: Path | str | Dataset, index: int) -> Dataset:
+    """Return a dataset as is, or read a file completely (pixel data included)."""
     if isinstance(source, Dataset):
         return source
     if not isinstance(source, (str, Path)):
@@ -526,11 +440,13 @@ def _read(source: Path | str | Dataset, index: int) -> Dataset:
 
 
 def _series_uid_of(ds: Dataset) -> str | None:
+    """SeriesInstanceUID of a dataset, ``None`` when missing or empty."""
     uid = ds.get("SeriesInstanceUID")
     return str(uid) if uid else None
 
 
 def _check_identity(datasets: list[Dataset], require_single_series: bool) -> str:
+    """Check series/study membership and SOP Instance UIDs; return the (most common) series UID."""
     series = [str(ds.get("SeriesInstanceUID", "")) for ds in datasets]
     distinct = sorted(set(series))
     series_uid = _most_common(series)
@@ -565,6 +481,7 @@ def _check_identity(datasets: list[Dataset], require_single_series: bool) -> str
 
 
 def _check_supported(ds: Dataset, index: int, series_uid: str) -> None:
+    """Refuse anything but single-frame greyscale CT/MR/PET images."""
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in SUPPORTED_SOP_CLASSES:
         name = getattr(ds.get("SOPClassUID"), "name", sop_class) if sop_class else "<missing>"
@@ -593,7 +510,107 @@ def _check_supported(ds: Dataset, index: int, series_uid: str) -> None:
         )
 
 
+# -- helpers: geometry -------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _Grid:
+    """Checked geometry of a series, instances sorted ascending along the slice normal."""
+
+    datasets: list[Dataset]
+    positions: npt.NDArray[np.float64]
+    orientation: npt.NDArray[np.float64]
+    frame_of_reference_uid: str
+    rows: int
+    columns: int
+    spacing: tuple[float, float, float]
+
+
+def _check_geometry(datasets: list[Dataset], rel_tol: float, abs_tol: float, series_uid: str) -> _Grid:
+    """Check orientation, frame of reference, matrix and spacings; sort the instances along the normal."""
+    orientation = _common_orientation(datasets, series_uid)
+    _, _, normal = _directions(orientation, series_uid)
+    frame_of_reference_uid = _common_frame_of_reference(datasets, series_uid)
+    _check_pixel_data(datasets, series_uid)
+    rows, columns = _common_matrix(datasets, series_uid)
+    sy, sx = _common_pixel_spacing(datasets, rel_tol, abs_tol, series_uid)
+    datasets, positions, along = _sort_along_normal(datasets, normal, series_uid)
+    _check_duplicates(datasets, along, abs_tol, series_uid)
+    _check_alignment(datasets, positions, along, normal, max(rel_tol * min(sy, sx), abs_tol), series_uid)
+    sz = _slice_spacing(datasets, along, rel_tol, abs_tol, series_uid)
+    return _Grid(datasets, positions, orientation, frame_of_reference_uid, rows, columns, (float(sz), sy, sx))
+
+
+def _common_orientation(datasets: list[Dataset], series_uid: str) -> npt.NDArray[np.float64]:
+    """ImageOrientationPatient shared by all instances (that of the first)."""
+    iops = [_orientation(ds, index, series_uid) for index, ds in enumerate(datasets)]
+    reference = iops[0]
+    deviating = [i for i, iop in enumerate(iops) if np.max(np.abs(iop - reference)) > _ORIENTATION_TOL]
+    if deviating:
+        seen = _distinct_rows(iops)
+        raise MixedOrientationError(
+            f"{len(seen)} different ImageOrientationPatient values among {len(datasets)} instances "
+            f"({'; '.join(_fmt_vec(v) for v in seen[:4])}); first deviating instance: "
+            f"{_describe(datasets[deviating[0]])}",
+            series_uid=series_uid,
+        )
+    return reference
+
+
+def _common_frame_of_reference(datasets: list[Dataset], series_uid: str) -> str:
+    """FrameOfReferenceUID shared by all instances."""
+    fors = [str(ds.get("FrameOfReferenceUID", "")) for ds in datasets]
+    distinct_fors = sorted(set(fors))
+    if len(distinct_fors) > 1:
+        raise MixedFrameOfReferenceError(
+            f"instances use {len(distinct_fors)} frames of reference: "
+            f"{', '.join(uid or '<missing>' for uid in distinct_fors)}",
+            series_uid=series_uid,
+        )
+    if not distinct_fors[0]:
+        raise InconsistentGeometryError("FrameOfReferenceUID is missing", series_uid=series_uid)
+    return distinct_fors[0]
+
+
+def _check_pixel_data(datasets: list[Dataset], series_uid: str) -> None:
+    """Every instance must have (float/double float) Pixel Data."""
+    for ds in datasets:
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            raise MissingPixelDataError(f"no Pixel Data in {_describe(ds)}", series_uid=series_uid)
+
+
+def _common_matrix(datasets: list[Dataset], series_uid: str) -> tuple[int, int]:
+    """Rows and Columns shared by all instances."""
+    sizes = {(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) for ds in datasets}
+    if len(sizes) > 1:
+        raise InconsistentGeometryError(
+            f"instances have different matrix sizes (rows x columns): {sorted(sizes)}",
+            series_uid=series_uid,
+        )
+    rows, columns = next(iter(sizes))
+    if rows < 1 or columns < 1:
+        raise InconsistentGeometryError("Rows/Columns missing or zero", series_uid=series_uid)
+    return rows, columns
+
+
+def _common_pixel_spacing(
+    datasets: list[Dataset], rel_tol: float, abs_tol: float, series_uid: str
+) -> tuple[float, float]:
+    """Median ``(row, column)`` PixelSpacing, which must agree between instances within tolerance."""
+    pixel_spacings = np.array([_pixel_spacing(ds, series_uid) for ds in datasets])
+    ps_tol = max(rel_tol * float(pixel_spacings.min()), abs_tol)
+    if float(np.ptp(pixel_spacings[:, 0])) > ps_tol or float(np.ptp(pixel_spacings[:, 1])) > ps_tol:
+        raise InconsistentGeometryError(
+            "instances have different PixelSpacing: "
+            + "; ".join(_fmt_vec(v) for v in _distinct_rows(list(pixel_spacings))[:4]),
+            series_uid=series_uid,
+        )
+    sy, sx = (float(v) for v in np.median(pixel_spacings, axis=0))
+    return sy, sx
+
+
 def _orientation(ds: Dataset, index: int, series_uid: str | None) -> npt.NDArray[np.float64]:
+    """ImageOrientationPatient of one instance as 6 finite floats."""
     value = ds.get("ImageOrientationPatient")
     try:
         iop = np.asarray([float(v) for v in value], dtype=np.float64) if value is not None else None
@@ -609,6 +626,7 @@ def _orientation(ds: Dataset, index: int, series_uid: str | None) -> npt.NDArray
 def _directions(
     iop: npt.NDArray[np.float64], series_uid: str | None
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Unit row, column and normal vectors of an orthonormal ImageOrientationPatient."""
     row, col = iop[:3], iop[3:]
     nr, nc = float(np.linalg.norm(row)), float(np.linalg.norm(col))
     if abs(nr - 1) > _UNIT_TOL or abs(nc - 1) > _UNIT_TOL or abs(float(np.dot(row, col))) > _UNIT_TOL:
@@ -622,6 +640,7 @@ def _directions(
 
 
 def _position(ds: Dataset, index: int, series_uid: str | None) -> npt.NDArray[np.float64]:
+    """ImagePositionPatient of one instance as 3 finite floats."""
     value = ds.get("ImagePositionPatient")
     try:
         pos = np.asarray([float(v) for v in value], dtype=np.float64) if value is not None else None
@@ -635,6 +654,7 @@ def _position(ds: Dataset, index: int, series_uid: str | None) -> npt.NDArray[np
 
 
 def _pixel_spacing(ds: Dataset, series_uid: str) -> tuple[float, float]:
+    """``(row, column)`` PixelSpacing of one instance, both positive."""
     value = ds.get("PixelSpacing")
     try:
         ps = [float(v) for v in value] if value is not None else []
@@ -647,9 +667,23 @@ def _pixel_spacing(ds: Dataset, series_uid: str) -> tuple[float, float]:
     return ps[0], ps[1]
 
 
+def _sort_along_normal(
+    datasets: list[Dataset], normal: npt.NDArray[np.float64], series_uid: str
+) -> tuple[list[Dataset], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Sort ascending along the normal (ties: InstanceNumber, SOPInstanceUID); also return positions and distances."""
+    positions = np.array([_position(ds, index, series_uid) for index, ds in enumerate(datasets)])
+    along = positions @ normal
+    order = sorted(
+        range(len(datasets)),
+        key=lambda i: (float(along[i]), _instance_number(datasets[i]), str(datasets[i].get("SOPInstanceUID", ""))),
+    )
+    return [datasets[i] for i in order], positions[order], along[order]
+
+
 def _check_duplicates(
     datasets: list[Dataset], along: npt.NDArray[np.float64], tol_mm: float, series_uid: str
 ) -> None:
+    """Refuse two consecutive sorted slices at the same position along the normal."""
     if len(along) < 2:
         return
     gaps = np.diff(along)
@@ -663,6 +697,26 @@ def _check_duplicates(
         )
 
 
+def _check_alignment(
+    datasets: list[Dataset],
+    positions: npt.NDArray[np.float64],
+    along: npt.NDArray[np.float64],
+    normal: npt.NDArray[np.float64],
+    tol: float,
+    series_uid: str,
+) -> None:
+    """In-plane alignment: every slice must sit on the line ``origin + t * normal`` (no gantry tilt or shear)."""
+    offsets = positions - positions[0] - np.outer(along - along[0], normal)
+    worst = int(np.argmax(np.linalg.norm(offsets, axis=1)))
+    if float(np.linalg.norm(offsets[worst])) > tol:
+        raise InconsistentGeometryError(
+            "slice positions are not aligned along the slice normal (gantry tilt or sheared "
+            f"series): {_describe(datasets[worst])} is offset by {np.linalg.norm(offsets[worst]):.4g} mm "
+            "in-plane from the first slice",
+            series_uid=series_uid,
+        )
+
+
 def _slice_spacing(
     datasets: list[Dataset],
     along: npt.NDArray[np.float64],
@@ -670,6 +724,7 @@ def _slice_spacing(
     abs_tol: float,
     series_uid: str,
 ) -> float:
+    """Slice spacing (mm) of the sorted slices; refuse missing slices and irregular spacing."""
     if len(along) == 1:
         ds = datasets[0]
         for keyword in ("SpacingBetweenSlices", "SliceThickness"):
@@ -731,7 +786,30 @@ def _typical_gap(gaps: npt.NDArray[np.float64], rel_tol: float, abs_tol: float) 
     return best[1]
 
 
+# -- helpers: assembly -------------------------------------------------------
+
+
+def _assemble(grid: _Grid, study_uid: str, series_uid: str) -> Volume:
+    """Stack the rescaled pixels of the sorted instances into a :class:`Volume`."""
+    array = np.empty((len(grid.datasets), grid.rows, grid.columns), dtype=np.float32)
+    for k, ds in enumerate(grid.datasets):
+        array[k] = _rescaled_pixels(ds, grid.rows, grid.columns, series_uid)
+    origin = grid.positions[0]
+    return Volume(
+        array=array,
+        spacing=grid.spacing,
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
+        orientation=tuple(float(v) for v in grid.orientation),
+        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in grid.datasets),
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        frame_of_reference_uid=grid.frame_of_reference_uid,
+        modality=_most_common([str(ds.get("Modality", "")) for ds in grid.datasets]),
+    )
+
+
 def _rescaled_pixels(ds: Dataset, rows: int, columns: int, series_uid: str) -> npt.NDArray[np.float32]:
+    """Decoded pixels of one instance with RescaleSlope/RescaleIntercept applied."""
     try:
         pixels = np.asarray(ds.pixel_array)
     except Exception as exc:  # pydicom raises several types for undecodable data
@@ -761,7 +839,11 @@ def _rescaled_pixels(ds: Dataset, rows: int, columns: int, series_uid: str) -> n
     return out.astype(np.float32)
 
 
+# -- helpers: small utilities ------------------------------------------------
+
+
 def _instance_number(ds: Dataset) -> int:
+    """InstanceNumber, 0 when missing or malformed."""
     try:
         return int(ds.get("InstanceNumber", 0) or 0)
     except (TypeError, ValueError):
@@ -776,6 +858,7 @@ def _describe(ds: Dataset) -> str:
 
 
 def _most_common(values: list[str]) -> str:
+    """Most frequent value (ties: a non-empty value first, then the first seen)."""
     counts: dict[str, int] = {}
     for v in values:
         counts[v] = counts.get(v, 0) + 1
@@ -783,6 +866,7 @@ def _most_common(values: list[str]) -> str:
 
 
 def _distinct_rows(rows: list[npt.NDArray[np.float64]], tol: float = _ORIENTATION_TOL) -> list[npt.NDArray[np.float64]]:
+    """Rows that differ from each other by more than ``tol``, in order of appearance."""
     distinct: list[npt.NDArray[np.float64]] = []
     for r in rows:
         if not any(np.max(np.abs(r - d)) <= tol for d in distinct):
@@ -791,4 +875,5 @@ def _distinct_rows(rows: list[npt.NDArray[np.float64]], tol: float = _ORIENTATIO
 
 
 def _fmt_vec(v: npt.ArrayLike) -> str:
+    """Compact ``[a, b, ...]`` text of a vector."""
     return "[" + ", ".join(f"{float(x):.5g}" for x in np.asarray(v).ravel()) + "]"
