@@ -26,6 +26,8 @@ this list):
   ``_run_loop_delay`` (line 107), ``_kill_thread`` (line 111), and the public
   ``event_queue``, ``to_provider_queue``, ``state_machine``, ``send_pdu``
   (:func:`install_fast_store`, :func:`tune_association`);
+* ``DULServiceProvider.to_user_queue`` (public, ``dul.py`` line 92), read without
+  taking items (:func:`unread_rejection`);
 * ``DIMSEServiceProvider.get_msg``, ``send_msg``, ``msg_queue``, ``dimse_timeout``,
   ``maximum_pdu_size`` (``dimse.py`` lines 184-310), replaced per instance by
   :func:`tune_association`.
@@ -63,6 +65,7 @@ __all__ = [
     "set_deadline",
     "tls_handshake",
     "tune_association",
+    "unread_rejection",
 ]
 
 #: DIMSE status Success (PS3.7 C).
@@ -170,6 +173,22 @@ def tls_handshake(assoc: Any, context: ssl.SSLContext, timeout: float) -> str | 
             pass
         return f"TLS handshake failed: {reason}"
     sock.socket = wrapped
+    return None
+
+
+def unread_rejection(assoc: Any) -> Any | None:
+    """Return an A-ASSOCIATE-RJ primitive pynetdicom received but never read.
+
+    pynetdicom 3.0 races when a peer rejects and closes at once (DCMTK
+    ``storescp --refuse`` does): the DUL thread queues the rejection and closes
+    the socket, and the negotiating thread, seeing the closed socket first,
+    reports an abort.  The rejection is still in the DUL's user queue.
+    """
+    queue = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
+    items = list(getattr(queue, "queue", ()))
+    for item in items:
+        if getattr(item, "result", None) in (0x01, 0x02) and hasattr(item, "result_source"):
+            return item
     return None
 
 

@@ -31,7 +31,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
-from dicom.pynetdicom_compat import quiet_pynetdicom
+from dicom.pynetdicom_compat import quiet_pynetdicom, unread_rejection
 from dicom.scp import VERIFICATION_SOP_CLASS
 
 __all__ = [
@@ -304,26 +304,10 @@ def _send_items(
     return report
 
 
-def _unread_rejection(assoc: Any) -> Any | None:
-    """Return an A-ASSOCIATE-RJ primitive pynetdicom received but never read.
-
-    pynetdicom 3.0 races when a peer rejects and closes at once (DCMTK
-    ``storescp --refuse`` does): the DUL thread queues the rejection and closes
-    the socket, and the negotiating thread, seeing the closed socket first,
-    reports an abort.  The rejection is still in the DUL's user queue.
-    """
-    queue = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
-    items = list(getattr(queue, "queue", ()))
-    for item in items:
-        if getattr(item, "result", None) in (0x01, 0x02) and hasattr(item, "result_source"):
-            return item
-    return None
-
-
 def _association_reason(assoc: Any) -> str:
     rejection = assoc.acceptor.primitive if assoc.is_rejected else None
     if rejection is None and assoc.is_aborted and not assoc.is_established:
-        rejection = _unread_rejection(assoc)
+        rejection = unread_rejection(assoc)
     if assoc.is_rejected or rejection is not None:
         if rejection is not None and getattr(rejection, "result", None) is not None:
             return (
