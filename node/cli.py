@@ -160,7 +160,7 @@ def status_snapshot(settings: Settings) -> dict[str, Any]:
     store = Store(settings.database_url)
     try:
         snap = {
-            "node": settings.node.name,
+            "node": settings.node_id,
             "database": settings.database_url,
             "studies": [dict(r) for r in store.studies()],
             "series": [dict(r) for r in store.series_rows()],

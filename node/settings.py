@@ -83,7 +83,9 @@ class NodeSettings:
 
     state_dir: Path = _f(Path("var"), "Directory for spool, outputs, database and logs; relative paths are resolved against the working directory.")
     log_level: str = _f("INFO", "Log level of the node's own loggers.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    name: str = _f("i3node", "Name of this node, shown in status output and metrics.")
+    name: str = _f("", "Name of this node, unique among the nodes that share a database: the owner of the work it claims, shown in status, events and metrics. Empty = the host name.", pattern=re.compile(r"^[A-Za-z0-9._@:-]{0,64}$"), pattern_doc="up to 64 letters, digits and ._@:-")
+    lease_s: float = _f(60.0, "Lease on claimed work (jobs, corrections, deliveries), renewed every third of it while the work runs; when a node dies, another takes its work over once the lease has run out.", minimum=5, maximum=3600)
+    stop_timeout_s: float = _f(60.0, "On SIGTERM, how long a running job may take to finish before it is handed back to the queue (keep below systemd's TimeoutStopSec).", minimum=0, maximum=3600)
     job_workers: int = _f(1, "Model jobs run at once on this node (one per GPU); 0 = receive and deliver only, for a node that shares its database with nodes that run the models.", minimum=0, maximum=1)
 
 
@@ -116,7 +118,8 @@ class StorageSettings:
 
     spool_dir: str = _f("", "Received instances; empty = <state_dir>/spool.")
     outputs_dir: str = _f("", "Objects the node creates, kept until delivered; empty = <state_dir>/outputs.")
-    database_url: str = _f("", "SQLAlchemy URL of the state database; empty = SQLite in <state_dir>/i3node.db. PostgreSQL: postgresql+psycopg://user@host/db.")
+    database_url: str = _f("", "SQLAlchemy URL of the state database; empty = SQLite in <state_dir>/i3node.db. PostgreSQL: postgresql+psycopg://user@host:5432/db (needs the postgres extra); put the password in database_password_file or I3NODE_DATABASE_PASSWORD, not in the URL.")
+    database_password_file: str = _f("", "File holding the database password (one line; readable by the service user only). The environment variable I3NODE_DATABASE_PASSWORD is used when this is empty.")
 
 
 @dataclass(frozen=True)
@@ -226,10 +229,11 @@ class AuditSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    """Prometheus metrics endpoint (loopback only)."""
+    """Prometheus metrics endpoint (/metrics) and health endpoint (/healthz)."""
 
-    enabled: bool = _f(False, "Serve Prometheus metrics over HTTP.")
-    port: int = _f(9464, "Port of the metrics endpoint on 127.0.0.1.", minimum=1, maximum=65535)
+    enabled: bool = _f(False, "Serve Prometheus metrics and the health endpoint over HTTP.")
+    host: str = _f("127.0.0.1", "Address the metrics endpoint binds to (0.0.0.0 for every interface; the endpoint carries no patient data but has no authentication).")
+    port: int = _f(9464, "Port of the metrics endpoint.", minimum=1, maximum=65535)
 
 
 @dataclass(frozen=True)
@@ -295,6 +299,15 @@ class Settings:
     def database_url(self) -> str:
         """SQLAlchemy URL of the state database."""
         return self.storage.database_url or f"sqlite:///{self.state_dir / 'i3node.db'}"
+
+    @property
+    def node_id(self) -> str:
+        """This node's name among the nodes sharing the database (``node.name`` or the host name)."""
+        if self.node.name:
+            return self.node.name
+        import socket
+
+        return socket.gethostname()[:64] or "i3node"
 
     @property
     def model_cache_dir(self) -> Path:
