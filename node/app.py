@@ -106,7 +106,7 @@ class App:
             log.info("resuming %d unfinished job(s) after restart: %s", len(resumed), resumed)
         self.scp.start()
         if self.metrics is not None:
-            self._metrics_server = self.metrics.start_http(s.metrics.port)
+            self._metrics_server = self.metrics.start_http(s.metrics.host, s.metrics.port)
         self.scheduler.every("sweep", s.study.sweep_interval_s, self.sweep)
         if s.node.job_workers > 0:
             self.scheduler.soon("warm-up", self.models.warm_up, executor="models")
@@ -299,7 +299,7 @@ def build_app(settings: Settings) -> App:
     models = LazyModels(settings)
     d = settings.dicom
     audit = AuditLog(settings.audit_path, ae_title=d.ae_title) if settings.audit.enabled else None
-    metrics = Metrics(store, settings.spool_dir) if settings.metrics.enabled else None
+    metrics = Metrics(store, settings.spool_dir, node_id=settings.node_id) if settings.metrics.enabled else None
     # TLS contexts are built now so that a bad certificate stops the node at start.
     t = settings.tls
     server_ssl = server_context(t.certificate, t.private_key, t.ca_file, t.require_client_certificate) if d.tls else None

@@ -1,90 +1,234 @@
-"""Prometheus metrics of the node, served on 127.0.0.1 only.
+"""Prometheus metrics and health endpoint of the node.
+
+One small HTTP server (:meth:`Metrics.start_http`) answers three kinds of request:
+
+* ``GET /metrics``: the Prometheus exposition (text 0.0.4, or OpenMetrics if asked for);
+* ``GET /healthz``: ``200 {"status": "ok", "node": ...}`` when the state database answers a
+  trivial query on the ``jobs`` table, ``503 {"status": "unavailable", ...}`` otherwise;
+* anything else: ``404``.
+
+It binds to ``metrics.host`` (default ``127.0.0.1``) and ``metrics.port``. The endpoint has
+no authentication; it carries no UIDs or patient data.
 
 Everything lives in the :class:`Metrics` object's own
 :class:`prometheus_client.CollectorRegistry` (never the process-global one), so several
 nodes in one test process do not collide.
 
-==============================  =========  ====================================================
-name                            type       meaning
-==============================  =========  ====================================================
-``instances_received_total``    counter    instances acknowledged to a sender (new ones)
-``deliveries_failed_total``     counter    outbound C-STORE attempts that failed
-``corrected_segs_total``        counter    radiologist-corrected SEGs matched to a job
-``jobs_by_state{state}``        gauge      jobs per state, read from the store at scrape time
-``disk_free_bytes``             gauge      free bytes on the spool's filesystem, at scrape time
-``gpu_memory_bytes{device,      gauge      torch CUDA memory; only when this process has
-kind}``                                    already initialised CUDA (absent otherwise)
-``stage_duration_seconds        histogram  duration of pipeline stages (segment, select,
-{stage}``                                  export, refine, ...)
-==============================  =========  ====================================================
+Node identity: an info metric, not a label on every series
+----------------------------------------------------------
+Every node exports ``i3node_node_info{node="<node id>", version="<version>"} 1`` and no
+constant ``node`` label on the other series. This follows the Prometheus guide "Writing
+exporters" (*Target labels, not static scraped labels*): a label that would sit on every
+metric of a target either belongs on an info-style metric (version, role, name) or is a
+target label that the Prometheus server attaches (``instance``, ``job``); the
+application should not impose its own place in the label taxonomy. Every series of a
+node already carries the ``instance`` label of its scrape target, so the node id is one
+join away::
+
+    sum by (node) (rate(i3node_instances_received_total[5m])
+      * on (instance) group_left (node) i3node_node_info)
+
+Cluster-wide versus per-node series
+-----------------------------------
+Several nodes may share one state database (PostgreSQL). The ``i3node_queue_*`` gauges
+are read from that shared database at scrape time and describe the **whole cluster's
+queue**: every node of a cluster exports the *same* value, so aggregate them with
+``max()`` (or ``max by (state)``), **never** ``sum()``, which would count each job once per
+node. All other series are this node's own work (process counters, its spool disk, its
+GPU) and do add up across nodes with ``sum()``.
+
+==================================  =========  ================================================
+name                                type       meaning
+==================================  =========  ================================================
+``i3node_node_info{node,version}``  gauge      always 1; node id (``node.name`` or host name)
+                                               and package version
+``i3node_instances_received_total`` counter    instances acknowledged to a sender (new ones)
+``i3node_delivery_failures_total``  counter    outbound C-STORE attempts of this node that
+                                               failed
+``i3node_corrected_segs_total``     counter    radiologist-corrected SEGs matched to a job
+``i3node_stage_seconds{stage}``     histogram  duration of pipeline stages (segment, select,
+                                               export, refine, ...) run by this node
+``i3node_spool_free_bytes``         gauge      free bytes on the filesystem of this node's spool
+``i3node_gpu_memory_bytes{device,   gauge      torch CUDA memory of this process; only when it
+kind}``                                        has already initialised CUDA
+``i3node_state_database_up``        gauge      1 if this node's queue queries succeeded at this
+                                               scrape, 0 if they failed
+``i3node_queue_jobs{state}``        gauge      **cluster-wide**: jobs per state in the shared
+                                               database (``max()``, not ``sum()``)
+``i3node_queue_deliveries{state}``  gauge      **cluster-wide**: deliveries per state
+                                               (``pending``, ``delivered``, ``dead``) in the
+                                               shared database (``max()``, not ``sum()``)
+==================================  =========  ================================================
+
+Every state is exported, also with a count of 0, so dashboards always see the series.
+When the database cannot be read, the ``i3node_queue_*`` gauges are left out of that
+scrape and ``i3node_state_database_up`` is 0; the rest still scrapes.
 
 Labels never carry UIDs or any patient data.
 """
 from __future__ import annotations
 
 import contextlib
+import http.server
+import json
 import logging
 import shutil
+import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+from sqlalchemy.engine import Engine
 
-from node.store import JobState
+from node import __version__
+from node.store import DeliveryState, JobState, deliveries, jobs
 
-__all__ = ["Metrics", "MetricsServer", "CountingSink", "stage_timer", "JOB_STATES", "STAGE_BUCKETS"]
+__all__ = [
+    "Metrics",
+    "MetricsServer",
+    "CountingSink",
+    "stage_timer",
+    "delivery_counts",
+    "database_answers",
+    "JOB_STATES",
+    "DELIVERY_STATES",
+    "STAGE_BUCKETS",
+    "PREFIX",
+]
 
 log = logging.getLogger(__name__)
+
+#: Prefix of every metric name of the node.
+PREFIX = "i3node_"
 
 #: Every job state, exported even when its count is 0 (so dashboards see the series).
 JOB_STATES: tuple[str, ...] = tuple(state.value for state in JobState)
 
+#: Every delivery state, exported even when its count is 0.
+DELIVERY_STATES: tuple[str, ...] = tuple(state.value for state in DeliveryState)
+
 #: Histogram buckets (seconds) spanning a DICOM export to a CPU nnU-Net ensemble.
 STAGE_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
+_CLUSTER_NOTE = "Cluster-wide (same value on every node sharing the database): aggregate with max(), not sum()."
 
-class _JobCounts(Protocol):
+
+class _StateStore(Protocol):
+    """What the metrics need of :class:`node.store.Store`."""
+
+    @property
+    def engine(self) -> Engine: ...
+
     def job_counts(self) -> dict[str, int]: ...
 
 
-class _StateCollector(Collector):
-    """Reads job counts, spool free space and GPU memory when Prometheus scrapes."""
+def delivery_counts(engine: Engine) -> dict[str, int]:
+    """Number of deliveries per state in the (shared) state database; read-only.
 
-    def __init__(self, store: _JobCounts | None, spool_dir: Path | None) -> None:
+    Parameters
+    ----------
+    engine : sqlalchemy.engine.Engine
+        Engine of the state store (``Store.engine``).
+
+    Returns
+    -------
+    dict of str to int
+        ``{state: count}`` for the states that have at least one delivery.
+    """
+    with engine.connect() as c:
+        rows = c.execute(sa.select(deliveries.c.state, sa.func.count()).group_by(deliveries.c.state)).all()
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+def database_answers(engine: Engine) -> None:
+    """Run a trivial read of the ``jobs`` table; raise if the state database does not answer.
+
+    A bare ``SELECT 1`` is not enough: SQLite opens (and creates) an empty database when
+    the file has gone, so the query names a table of the schema.
+
+    Parameters
+    ----------
+    engine : sqlalchemy.engine.Engine
+        Engine of the state store.
+
+    Raises
+    ------
+    sqlalchemy.exc.SQLAlchemyError
+        If the database cannot be reached or lacks the schema.
+    """
+    with engine.connect() as c:
+        c.execute(sa.select(jobs.c.id).limit(1)).all()
+
+
+def _name(suffix: str) -> str:
+    return PREFIX + suffix
+
+
+class _StateCollector(Collector):
+    """Reads queue counts, spool free space and GPU memory when Prometheus scrapes."""
+
+    def __init__(self, store: _StateStore | None, spool_dir: Path | None) -> None:
         self._store = store
         self._spool_dir = spool_dir
 
     def collect(self) -> Iterable[Any]:
         if self._store is not None:
-            try:
-                counts = self._store.job_counts()
-            except Exception as exc:  # a broken DB must not break the scrape of everything else
-                log.warning("metrics: job counts unavailable (%s)", type(exc).__name__)
-            else:
-                g = GaugeMetricFamily("jobs_by_state", "Number of jobs in each state.", labels=["state"])
-                for state in sorted(set(JOB_STATES) | set(counts)):
-                    g.add_metric([state], float(counts.get(state, 0)))
-                yield g
+            yield from self._queue()
         if self._spool_dir is not None:
             free = _free_bytes(self._spool_dir)
             if free is not None:
                 yield GaugeMetricFamily(
-                    "disk_free_bytes", "Free bytes on the filesystem of the spool.", value=float(free)
+                    _name("spool_free_bytes"), "Free bytes on the filesystem of this node's spool.", value=float(free)
                 )
         gpu = _gpu_memory()
         if gpu:
             g = GaugeMetricFamily(
-                "gpu_memory_bytes", "CUDA memory held by this process's torch allocator.", labels=["device", "kind"]
+                _name("gpu_memory_bytes"),
+                "CUDA memory held by this process's torch allocator.",
+                labels=["device", "kind"],
             )
             for device, kind, value in gpu:
                 g.add_metric([device, kind], float(value))
             yield g
+
+    def _queue(self) -> Iterator[GaugeMetricFamily]:
+        assert self._store is not None
+        try:
+            job_counts = self._store.job_counts()
+            delivery = delivery_counts(self._store.engine)
+        except Exception as exc:  # a broken DB must not break the scrape of everything else
+            log.warning("metrics: queue counts unavailable (%s)", type(exc).__name__)
+            up = 0.0
+        else:
+            up = 1.0
+            g = GaugeMetricFamily(
+                _name("queue_jobs"), f"Jobs in each state. {_CLUSTER_NOTE}", labels=["state"]
+            )
+            for state in sorted(set(JOB_STATES) | set(job_counts)):
+                g.add_metric([state], float(job_counts.get(state, 0)))
+            yield g
+            g = GaugeMetricFamily(
+                _name("queue_deliveries"),
+                f"Deliveries (output x destination) in each state: pending, delivered, dead. {_CLUSTER_NOTE}",
+                labels=["state"],
+            )
+            for state in sorted(set(DELIVERY_STATES) | set(delivery)):
+                g.add_metric([state], float(delivery.get(state, 0)))
+            yield g
+        yield GaugeMetricFamily(
+            _name("state_database_up"),
+            "1 if this node read the state database at this scrape, 0 if it failed.",
+            value=up,
+        )
 
     def describe(self) -> Iterable[Any]:
         # Collected lazily: describing must not touch the database or CUDA.
@@ -120,27 +264,57 @@ def _gpu_memory() -> list[tuple[str, str, int]]:
         return []
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+def _server_class(host: str, port: int) -> type[_Server]:
+    """A server class of the address family of `host` (IPv4 or IPv6)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family = infos[0][0]
+
+    class Server(_Server):
+        address_family = family
+
+    return Server
+
+
 class MetricsServer:
-    """Handle of a running metrics HTTP endpoint (see :meth:`Metrics.start_http`).
+    """Handle of a running metrics and health HTTP endpoint (see :meth:`Metrics.start_http`).
 
     Attributes
     ----------
     host : str
-        Bound address (always ``127.0.0.1``).
+        Bound address (as asked for, e.g. ``127.0.0.1`` or ``0.0.0.0``).
     port : int
         Bound port (the ephemeral one if 0 was asked for).
     """
 
-    def __init__(self, server: Any, thread: threading.Thread) -> None:
-        self._server = server
+    def __init__(self, server: http.server.HTTPServer, thread: threading.Thread) -> None:
+        self._server: http.server.HTTPServer | None = server
         self._thread = thread
-        self.host = "127.0.0.1"
+        self.host = str(server.server_address[0])
         self.port = int(server.server_address[1])
+
+    def _base(self) -> str:
+        host = self.host
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
 
     @property
     def url(self) -> str:
-        """URL of the metrics page."""
-        return f"http://{self.host}:{self.port}/metrics"
+        """URL of the metrics page (loopback if bound to every interface)."""
+        return self._base() + "/metrics"
+
+    @property
+    def health_url(self) -> str:
+        """URL of the health endpoint (loopback if bound to every interface)."""
+        return self._base() + "/healthz"
 
     def stop(self) -> None:
         """Stop serving and close the socket (idempotent)."""
@@ -159,39 +333,62 @@ class MetricsServer:
 
 
 class Metrics:
-    """The node's Prometheus metrics in a private registry.
+    """The node's Prometheus metrics in a private registry, and its health check.
 
     Parameters
     ----------
-    store : object with ``job_counts() -> dict[str, int]``, optional
-        The state store (:class:`node.store.Store`); ``jobs_by_state`` is read from it at
-        scrape time. ``None`` leaves the gauge out.
+    store : node.store.Store, optional
+        The state store: the ``i3node_queue_*`` gauges are read from it at scrape time and
+        ``/healthz`` queries it. ``None`` leaves the gauges out and makes ``/healthz``
+        report only that the process answers.
     spool_dir : pathlib.Path, optional
-        Spool directory for ``disk_free_bytes``; ``None`` leaves the gauge out.
+        Spool directory for ``i3node_spool_free_bytes``; ``None`` leaves the gauge out.
+    node_id : str
+        This node's identity (``settings.node_id``), exported by ``i3node_node_info``.
+    version : str
+        Software version exported by ``i3node_node_info`` (default: the package's).
 
     Examples
     --------
-    >>> metrics = Metrics(store, settings.spool_dir)  # doctest: +SKIP
-    >>> server = metrics.start_http(9464)  # doctest: +SKIP
+    >>> metrics = Metrics(store, settings.spool_dir, node_id=settings.node_id)  # doctest: +SKIP
+    >>> server = metrics.start_http("127.0.0.1", 9464)  # doctest: +SKIP
     >>> with metrics.time_stage("segment"):  # doctest: +SKIP
     ...     run_ensemble()
     >>> server.stop()  # doctest: +SKIP
     """
 
-    def __init__(self, store: _JobCounts | None = None, spool_dir: Path | str | None = None) -> None:
+    def __init__(
+        self,
+        store: _StateStore | None = None,
+        spool_dir: Path | str | None = None,
+        *,
+        node_id: str = "i3node",
+        version: str = __version__,
+    ) -> None:
+        if not node_id:
+            raise ValueError("node_id must be a non-empty name")
+        self.store = store
+        self.node_id = node_id
         self.registry = CollectorRegistry(auto_describe=False)
+        self.node_info = Info(_name("node"), "Identity of this node (value always 1).", registry=self.registry)
+        self.node_info.info({"node": node_id, "version": version})
         self.instances_received = Counter(
-            "instances_received", "Instances received and acknowledged (duplicates excluded).", registry=self.registry
+            _name("instances_received"),
+            "Instances received and acknowledged (duplicates excluded).",
+            registry=self.registry,
         )
         self.deliveries_failed = Counter(
-            "deliveries_failed", "Outbound C-STORE attempts that failed.", registry=self.registry
+            _name("delivery_failures"), "Outbound C-STORE attempts of this node that failed.", registry=self.registry
         )
         self.corrected_segs = Counter(
-            "corrected_segs", "Corrected SEGs from radiologists matched to a job.", registry=self.registry
+            _name("corrected_segs"), "Corrected SEGs from radiologists matched to a job.", registry=self.registry
         )
         self.stage_duration = Histogram(
-            "stage_duration_seconds", "Duration of pipeline stages in seconds.", ["stage"],
-            buckets=STAGE_BUCKETS, registry=self.registry,
+            _name("stage_seconds"),
+            "Duration of pipeline stages run by this node, in seconds.",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
         )
         self.registry.register(_StateCollector(store, Path(spool_dir) if spool_dir is not None else None))
 
@@ -255,15 +452,33 @@ class Metrics:
     # -- exposition ----------------------------------------------------------------------
     def render(self) -> bytes:
         """The current exposition text (what a scrape returns)."""
-        from prometheus_client import generate_latest
-
         return generate_latest(self.registry)
 
-    def start_http(self, port: int) -> MetricsServer:
-        """Serve ``/metrics`` on ``127.0.0.1:port`` in a daemon thread.
+    def health(self) -> tuple[bool, dict[str, str]]:
+        """Whether the state database answers a trivial query.
+
+        Returns
+        -------
+        tuple of (bool, dict)
+            ``(True, {"status": "ok", "node": ...})``, or ``(False, {"status":
+            "unavailable", "node": ..., "error": <exception type>})``.
+        """
+        if self.store is not None:
+            try:
+                database_answers(self.store.engine)
+            except Exception as exc:  # any failure of the database is "unhealthy", not a crash
+                log.warning("healthz: state database does not answer (%s)", type(exc).__name__)
+                return False, {"status": "unavailable", "node": self.node_id, "error": type(exc).__name__}
+        return True, {"status": "ok", "node": self.node_id}
+
+    def start_http(self, host: str, port: int) -> MetricsServer:
+        """Serve ``/metrics`` and ``/healthz`` on ``host:port`` in a daemon thread.
 
         Parameters
         ----------
+        host : str
+            Address to bind (``settings.metrics.host``): ``127.0.0.1`` for loopback only,
+            ``0.0.0.0`` / ``::`` for every interface, or one address of this host.
         port : int
             TCP port; ``0`` picks a free one (see :attr:`MetricsServer.port`).
 
@@ -277,14 +492,61 @@ class Metrics:
         ValueError
             If `port` is outside 0..65535.
         OSError
-            If the port cannot be bound.
+            If the address cannot be resolved or bound.
         """
         if not 0 <= int(port) <= 65535:
             raise ValueError(f"port must be in 0..65535, got {port}")
-        server, thread = start_http_server(int(port), addr="127.0.0.1", registry=self.registry)
+        server = _server_class(host, int(port))((host, int(port)), _handler(self))
+        thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="i3node-metrics", daemon=True
+        )
+        thread.start()
         handle = MetricsServer(server, thread)
-        log.info("metrics endpoint on %s", handle.url)
+        log.info("metrics endpoint on %s:%d (/metrics, /healthz)", handle.host, handle.port)
         return handle
+
+
+def _handler(metrics: Metrics) -> type[http.server.BaseHTTPRequestHandler]:
+    """The request handler class serving `metrics`."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = "i3node-metrics"
+        sys_version = ""
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            path = urllib.parse.urlsplit(self.path).path
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                try:
+                    body = encoder(metrics.registry)
+                except Exception as exc:  # never leave a scrape without an answer
+                    log.exception("metrics: scrape failed")
+                    self._send(500, "text/plain; charset=utf-8", f"scrape failed: {type(exc).__name__}\n".encode())
+                    return
+                self._send(200, content_type, body)
+            elif path == "/healthz":
+                ok, doc = metrics.health()
+                self._send(200 if ok else 503, "application/json", (json.dumps(doc) + "\n").encode())
+            else:
+                self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")
+
+        def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+            self._head_only = True
+            self.do_GET()
+
+        def _send(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            if not getattr(self, "_head_only", False):
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+            log.debug("metrics http: " + format, *args)
+
+    return Handler
 
 
 class _Sink(Protocol):
@@ -299,7 +561,7 @@ class CountingSink:
     inner : InstanceSink
         The real sink.
     metrics : Metrics
-        Where ``instances_received_total`` is incremented.
+        Where ``i3node_instances_received_total`` is incremented.
     """
 
     def __init__(self, inner: _Sink, metrics: Metrics) -> None:
@@ -333,4 +595,3 @@ def stage_timer(metrics: Metrics | None, stage: str) -> contextlib.AbstractConte
     if metrics is None:
         return contextlib.nullcontext()
     return metrics.time_stage(stage)
-
