@@ -10,9 +10,18 @@ Builds a 300-slice 512x512 int16 CT series once, then sends it with DCMTK ``stor
 alternating, several repetitions each. Prints MB/s and instances/s of each run and the
 node's median throughput as a ratio of storescp's (target >= 0.5).
 
+``--senders N`` (receive under concurrency): N series of ``--slices`` instances each
+(distinct Study/Series/SOP Instance UIDs, same size) are sent by N concurrent ``storescu``
+processes, one association each, started together; the time of a run is from the first
+start to the last exit, and MB/s and instances/s are aggregates over all N. For N > 1
+storescp runs with ``--fork`` (one child process per association; without it DCMTK
+storescp serves one association at a time and the baseline would be serial). The
+per-association sync bound is printed only for N = 1: concurrent fsyncs can share journal
+commits, so it does not hold for N > 1.
+
 Usage::
 
-    python benchmarks/receive.py [--slices 300] [--reps 3] [--pdu 131072]
+    python benchmarks/receive.py [--slices 300] [--reps 3] [--pdu 131072] [--senders 1]
                                  [--variants final|all|naive,raw-16k,...] [--no-fsync]
                                  [--profile out.html]
 """
@@ -31,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -121,18 +131,68 @@ class SqliteSink:
         self._conn.close()
 
 
-def storescu(port: int, src: Path, pdu: int | None) -> float:
-    """Send `src` with storescu and return the wall time in seconds."""
+def _storescu_cmd(port: int, src: Path, pdu: int | None) -> list[str]:
+    """Return the ``storescu`` command line that sends the directory `src` to `port`.
+
+    Parameters
+    ----------
+    port : int
+        Port of the Storage SCP on 127.0.0.1.
+    src : Path
+        Directory of DICOM files (sent with ``+sd``).
+    pdu : int or None
+        ``--max-send-pdu`` and ``--max-pdu``; None for DCMTK's defaults.
+
+    Returns
+    -------
+    list of str
+        The command line.
+    """
     cmd = ["storescu", "-aet", "BENCH", "-aec", "ANY"]
     if pdu:
         cmd += ["--max-send-pdu", str(pdu), "--max-pdu", str(pdu)]
-    cmd += ["127.0.0.1", str(port), "+sd", str(src)]
+    return cmd + ["127.0.0.1", str(port), "+sd", str(src)]
+
+
+def send_series(port: int, srcs: Sequence[Path], pdu: int | None) -> float:
+    """Send each directory in `srcs` with its own ``storescu``, all at once.
+
+    Parameters
+    ----------
+    port : int
+        Port of the Storage SCP on 127.0.0.1.
+    srcs : sequence of Path
+        One directory per sender; each sender opens one association.
+    pdu : int or None
+        ``--max-send-pdu`` and ``--max-pdu``; None for DCMTK's defaults.
+
+    Returns
+    -------
+    float
+        Wall seconds from the first sender's start to the last sender's exit.
+
+    Raises
+    ------
+    RuntimeError
+        If any sender exits with a non-zero status.
+    """
     env = dict(os.environ, TCP_NODELAY="1")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    procs = [
+        subprocess.Popen(
+            _storescu_cmd(port, src, pdu),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for src in srcs
+    ]
+    errors = [proc.communicate()[1] for proc in procs]
     elapsed = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"storescu failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    for proc, err in zip(procs, errors, strict=True):
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed ({proc.returncode}): {err[-2000:]}")
     return elapsed
 
 
@@ -153,12 +213,30 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_dcmtk(src: Path, work: Path, pdu: int | None) -> float:
-    """One run against DCMTK storescp; returns seconds."""
+def run_dcmtk(srcs: Sequence[Path], work: Path, pdu: int | None) -> float:
+    """One run against DCMTK storescp, one concurrent sender per directory in `srcs`.
+
+    Parameters
+    ----------
+    srcs : sequence of Path
+        One series directory per sender. With more than one, storescp runs with
+        ``--fork`` (a child process per association) so that it serves them concurrently.
+    work : Path
+        Scratch directory; storescp writes into ``work / "storescp"`` (removed after).
+    pdu : int or None
+        Max PDU of both sides; None for DCMTK's defaults.
+
+    Returns
+    -------
+    float
+        Wall seconds of the senders (see :func:`send_series`).
+    """
     out = work / "storescp"
     out.mkdir()
     port = free_port()
     cmd = ["storescp", "-od", str(out)]
+    if len(srcs) > 1:
+        cmd += ["--fork"]
     if pdu:
         cmd += ["--max-pdu", str(pdu)]
     cmd += [str(port)]
@@ -166,11 +244,15 @@ def run_dcmtk(src: Path, work: Path, pdu: int | None) -> float:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_port(port)
-        elapsed = storescu(port, src, pdu)
+        elapsed = send_series(port, srcs, pdu)
     finally:
         proc.terminate()
         proc.wait(10)
+    expected = sum(len(list(src.iterdir())) for src in srcs)
+    received = len(list(out.iterdir()))
     shutil.rmtree(out)
+    if received != expected:
+        raise RuntimeError(f"storescp: received {received} of {expected} instances")
     return elapsed
 
 
@@ -225,12 +307,31 @@ VARIANTS: dict[str, str] = {
 }
 
 
-def run_node(src: Path, work: Path, pdu: int | None, variant: str, n: int) -> float:
-    """One run against the node (or the naive baseline handler); returns seconds."""
+def run_node(srcs: Sequence[Path], work: Path, pdu: int | None, variant: str, n: int) -> float:
+    """One run against the node (or the naive baseline handler); returns seconds.
+
+    Parameters
+    ----------
+    srcs : sequence of Path
+        One series directory per concurrent sender (see :func:`send_series`).
+    work : Path
+        Scratch directory (spool and state database, removed after).
+    pdu : int or None
+        Max PDU the senders use; None for DCMTK's defaults.
+    variant : str
+        A key of :data:`VARIANTS`.
+    n : int
+        Instances expected in all, checked against what the sink recorded.
+
+    Returns
+    -------
+    float
+        Wall seconds of the senders.
+    """
     spool_dir = work / "spool"
     sink = SqliteSink(work / "state.sqlite", "OFF" if NO_FSYNC else SINK_SYNC)
     if variant == "node":
-        return _run_whole_node(src, work, pdu, n)
+        return _run_whole_node(srcs, work, pdu, n)
     if variant == "naive":
         from pynetdicom import AE, evt
 
@@ -248,7 +349,7 @@ def run_node(src: Path, work: Path, pdu: int | None, variant: str, n: int) -> fl
             raise RuntimeError("pynetdicom did not return a server")
         port = server.server_address[1]
         try:
-            elapsed = storescu(port, src, pdu)
+            elapsed = send_series(port, srcs, pdu)
         finally:
             server.shutdown()
             server.server_close()
@@ -264,7 +365,7 @@ def run_node(src: Path, work: Path, pdu: int | None, variant: str, n: int) -> fl
         scp = StoreSCP(cfg, sink)
         scp.start()
         try:
-            elapsed = storescu(scp.port, src, pdu)
+            elapsed = send_series(scp.port, srcs, pdu)
         finally:
             scp.stop()
     if sink.count != n:
@@ -276,7 +377,7 @@ def run_node(src: Path, work: Path, pdu: int | None, variant: str, n: int) -> fl
     return elapsed
 
 
-def _run_whole_node(src: Path, work: Path, pdu: int | None, n: int) -> float:
+def _run_whole_node(srcs: Sequence[Path], work: Path, pdu: int | None, n: int) -> float:
     """One run against the node built by node.app.build_app (its real state DB and audit)."""
     from node.app import build_app
     from node.settings import settings_from_mapping
@@ -291,7 +392,7 @@ def _run_whole_node(src: Path, work: Path, pdu: int | None, n: int) -> float:
     app = build_app(settings)
     app.start()
     try:
-        elapsed = storescu(app.port, src, pdu)
+        elapsed = send_series(app.port, srcs, pdu)
         recorded = app.store.count_instances()
     finally:
         app.stop()
@@ -330,12 +431,44 @@ def plain_write_cost(work: Path, size: int, n: int = 30) -> float:
     return statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print the results."""
-    global NO_FSYNC, SINK_SYNC
+def build_senders(base: Path, senders: int, slices: int) -> list[Path]:
+    """Write one series per sender under `base`, each with its own UIDs.
+
+    Parameters
+    ----------
+    base : Path
+        Directory to write into (``base / "series-<k>"`` per sender).
+    senders : int
+        Number of series (one per concurrent sender).
+    slices : int
+        Instances per series; every series has the same size.
+
+    Returns
+    -------
+    list of Path
+        The series directories.
+    """
+    srcs = []
+    for k in range(senders):
+        src = base / f"series-{k}"
+        src.mkdir()
+        build_series(src, slices)
+        srcs.append(src)
+    return srcs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser of the benchmark."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--senders",
+        type=_positive_int,
+        default=1,
+        help="concurrent storescu associations, each sending its own series of --slices "
+        "instances (storescp runs with --fork when > 1)",
+    )
     parser.add_argument(
         "--pdu",
         type=int,
@@ -360,6 +493,21 @@ def main(argv: list[str] | None = None) -> int:
         help="sqlite synchronous mode of the benchmark sink (WAL journal)",
     )
     parser.add_argument("--profile", type=Path, default=None, help="pyinstrument HTML of node runs")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    """Parse a positive integer command-line value."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the results."""
+    global NO_FSYNC, SINK_SYNC
+    parser = build_parser()
     args = parser.parse_args(argv)
     if shutil.which("storescu") is None or shutil.which("storescp") is None:
         parser.error("DCMTK storescu/storescp are required")
@@ -372,9 +520,8 @@ def main(argv: list[str] | None = None) -> int:
 
     base = Path(tempfile.mkdtemp(prefix="i3node-bench-", dir=args.workdir))
     try:
-        src = base / "series"
-        src.mkdir()
-        paths = build_series(src, args.slices)
+        srcs = build_senders(base, args.senders, args.slices)
+        paths = [p for src in srcs for p in src.iterdir()]
         total = sum(p.stat().st_size for p in paths)
         per_inst = total / len(paths)
         # Settle the disk (the series was just written) and warm the page cache with one
@@ -382,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sync()
         warm = base / "warmup"
         warm.mkdir()
-        run_dcmtk(src, warm, pdu)
+        run_dcmtk(srcs, warm, pdu)
         shutil.rmtree(warm)
         os.sync()
         floor = fsync_cost(base, int(per_inst))
@@ -395,7 +542,10 @@ def main(argv: list[str] | None = None) -> int:
             os.fsync = lambda fd: None  # type: ignore[assignment]
             os.fdatasync = lambda fd: None  # type: ignore[assignment]
         print(
-            f"series: {len(paths)} instances, {total / 1e6:.1f} MB; "
+            f"{args.senders} concurrent sender(s) x {args.slices} instances: "
+            f"{len(paths)} instances, {total / 1e6:.1f} MB in all"
+            + (" (storescp --fork)" if args.senders > 1 else "")
+            + "; "
             f"pdu={pdu or 'DCMTK default'}; sink sqlite synchronous={SINK_SYNC}; "
             f"cpus={os.cpu_count()}; workdir={base}"
         )
@@ -419,13 +569,13 @@ def main(argv: list[str] | None = None) -> int:
             work = base / f"rep{rep}"
             work.mkdir()
             c0 = _children_cpu()
-            times["storescp"].append(run_dcmtk(src, work, pdu))
+            times["storescp"].append(run_dcmtk(srcs, work, pdu))
             cpu["storescp"].append(_children_cpu() - c0)
             for v in variants:
                 if profiler is not None:
                     profiler.start()
                 c0, p0 = _children_cpu(), time.process_time()
-                times[v].append(run_node(src, work, pdu, v, len(paths)))
+                times[v].append(run_node(srcs, work, pdu, v, len(paths)))
                 cpu[v].append(time.process_time() - p0)
                 scu_cpu.append(_children_cpu() - c0)
                 if profiler is not None:
@@ -439,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu["storescp"] = [max(0.0, c - scu) for c in cpu["storescp"]]
         print(
             f"{'target':12s} {'MB/s':>8s} {'inst/s':>8s} {'ratio':>6s} {'cpu ms/inst':>12s}"
-            f"  (medians of {args.reps}; storescu itself: {scu / len(paths) * 1e3:.2f} cpu ms/inst)"
+            f"  (aggregate over {args.senders} sender(s), medians of {args.reps};"
+            f" storescu itself: {scu / len(paths) * 1e3:.2f} cpu ms/inst)"
         )
         for name, ts in times.items():
             med = statistics.median(ts)
@@ -449,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                 f" {cpu_ms:12.2f}"
                 + ("" if name == "storescp" else f"  {VARIANTS[name]}")
             )
-        if not args.no_fsync:
+        if not args.no_fsync and args.senders == 1:
             # Upper bound for any receiver that acknowledges only durable instances: the
             # storescp time per instance plus the sync work it skips.
             t_ref = ref / len(paths)
@@ -462,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in variants:
                 ratio = ref / statistics.median(times[name])
                 print(f"  {name}: {ratio / bound:.0%} of that bound")
+        elif args.senders > 1:
+            print("(no sync bound for concurrent senders: their fsyncs can share journal commits)")
         if profiler is not None:
             args.profile.write_text(profiler.output_html())
             print(f"profile written to {args.profile}")
