@@ -7,13 +7,15 @@ functions.  Exit codes: 0 success, 1 the work failed, 2 bad usage or configurati
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +47,13 @@ def parse_peer(text: str) -> tuple[str, str, int]:
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """Log to stderr (systemd's journal picks it up); third-party noise kept at WARNING."""
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    for noisy in ("pynetdicom", "apscheduler", "nnunetv2", "highdicom", "PIL", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Log to stderr; one ``<N>``-prefixed line per record when stderr is the journal.
+
+    See :func:`node.logs.setup_logging` (third-party noise kept at WARNING).
+    """
+    from node import logs
+
+    logs.setup_logging(level)
 
 
 class _Progress:
@@ -83,6 +83,142 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(getattr(args, "config", None))
 
 
+# -- configuration errors found while starting ----------------------------------------
+
+#: SQLAlchemy backend -> (driver, extra of the ``i3node`` package that installs it).
+_DRIVER_EXTRAS = {"postgresql": ("psycopg", "postgres")}
+
+
+def safe_database_url(url: str) -> str:
+    """`url` with its password replaced by ``***`` (for messages); unparsable URLs are elided."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "<unparsable URL>"
+
+
+def check_database_driver(url: str) -> None:
+    """Check that SQLAlchemy knows the URL's dialect and its driver module is installed.
+
+    Parameters
+    ----------
+    url : str
+        SQLAlchemy URL of the state database.
+
+    Raises
+    ------
+    SettingsError
+        Naming ``storage.database_url`` (password hidden): the URL is malformed, the
+        dialect is unknown or the driver is not installed (with the pip command).
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise SettingsError("storage.database_url: not a valid SQLAlchemy URL "
+                            "(e.g. postgresql+psycopg://user@host:5432/db)") from None
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise SettingsError(f"storage.database_url: {shown}: unknown database dialect "
+                            f"{parsed.drivername!r}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        driver = getattr(exc, "name", None) or parsed.get_driver_name()
+        backend = parsed.get_backend_name()
+        ours, extra = _DRIVER_EXTRAS.get(backend, ("", ""))
+        if ours and parsed.get_driver_name() == ours:
+            hint = f"pip install 'i3node[{extra}]'"
+        elif ours:
+            hint = f"install {driver!r}, or use {backend}+{ours}:// and pip install 'i3node[{extra}]'"
+        else:
+            hint = f"install the Python package {driver!r}"
+        raise SettingsError(f"storage.database_url: {shown}: database driver {driver!r} is not installed "
+                            f"({hint})") from None
+
+
+def _database_failure(url: str, exc: BaseException) -> SettingsError:
+    """A one-line :class:`SettingsError` for a database that cannot be reached or refuses us."""
+    from sqlalchemy.engine import make_url
+
+    orig = getattr(exc, "orig", None) or exc
+    lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
+    what = lines[0] if lines else type(orig).__name__
+    try:
+        password = make_url(url).password
+    except Exception:  # an unparsable URL never got this far
+        password = None
+    if password:
+        what = what.replace(str(password), "***")
+    return SettingsError(f"storage.database_url: cannot use the database {safe_database_url(url)}: {what}")
+
+
+_BIND_ERRNOS = {errno.EADDRINUSE: "is already in use", errno.EADDRNOTAVAIL: "is not an address of this host",
+                errno.EACCES: "needs privileges to bind (ports below 1024)"}
+
+
+def _bind_failure(exc: OSError, settings: Settings, scp_running: bool) -> SettingsError | None:
+    """A :class:`SettingsError` for a listening socket that could not be bound, else ``None``.
+
+    The DICOM listener binds first, the metrics endpoint after it, so `scp_running` tells
+    which one failed. File errors (they carry a file name) are not bind errors.
+    """
+    if exc.errno not in _BIND_ERRNOS or exc.filename is not None:
+        return None
+    if scp_running:
+        section, host, port = "metrics", settings.metrics.host, settings.metrics.port
+    else:
+        section, host, port = "dicom", settings.dicom.host, settings.dicom.port
+    key = f"{section}.host" if exc.errno == errno.EADDRNOTAVAIL else f"{section}.port"
+    return SettingsError(f"{key}: cannot listen on {host}:{port}: it {_BIND_ERRNOS[exc.errno]}")
+
+
+@contextlib.contextmanager
+def startup_errors(settings: Settings, scp_running: Any = None) -> Iterator[None]:
+    """Turn the configuration errors found while building or starting the node into one-liners.
+
+    Parameters
+    ----------
+    settings : Settings
+        The node's settings (for the keys and the database URL).
+    scp_running : callable, optional
+        ``scp_running() -> bool``: whether the DICOM listener is up (to tell its bind
+        error from the metrics endpoint's).
+
+    Raises
+    ------
+    SettingsError
+        For a port in use, an address not of this host, an unreachable database or one
+        refusing the credentials (``storage.database_url``, password never shown): an
+        :class:`sqlalchemy.exc.OperationalError` raised while *connecting* (SQLAlchemy
+        wraps those with no SQL statement); errors of SQL statements pass unchanged.
+        TLS file errors (:class:`node.tls.TlsConfigError`) already are SettingsErrors.
+    """
+    from sqlalchemy.exc import NoSuchModuleError, OperationalError
+
+    url = settings.database_url
+    try:
+        yield
+    except NoSuchModuleError:
+        raise SettingsError(f"storage.database_url: {safe_database_url(url)}: unknown database dialect") from None
+    except OperationalError as exc:
+        if exc.statement is not None:  # failed while executing SQL, not while connecting: a bug
+            raise
+        raise _database_failure(url, exc) from None
+    except OSError as exc:
+        failure = _bind_failure(exc, settings, bool(scp_running()) if scp_running is not None else False)
+        if failure is None:
+            raise
+        raise failure from None
+
+
 # -- commands ---------------------------------------------------------------------
 
 
@@ -92,7 +228,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     setup_logging(settings.node.log_level)
-    app = build_app(settings)
+    check_database_driver(settings.database_url)
+    with startup_errors(settings):
+        app = build_app(settings)
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %s: stopping (no new associations; running work finishes)", signal.Signals(signum).name)
@@ -100,9 +238,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    app.serve_forever()
+    try:
+        with startup_errors(settings, lambda: app.scp.is_running):
+            app.serve_forever()
+    except SettingsError:
+        _close_quietly(app)
+        raise
     log.info("stopped")
     return 0
+
+
+def _close_quietly(app: Any) -> None:
+    """Release what a node that failed to start holds (listener, database, audit file)."""
+    for close in (app.scp.stop, app.stop):
+        try:
+            close()
+        except Exception:  # already failing with a clearer message
+            log.debug("cleanup after a failed start", exc_info=True)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -620,13 +772,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _one_line(text: str) -> str:
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+
+
+def _err_prefix() -> str:
+    """``<3>`` (error priority) when stderr is the journal, so the line is logged as an error."""
+    from node.logs import stderr_is_journal
+
+    return "<3>" if stderr_is_journal() else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``i3node`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (SettingsError, UsageError) as exc:
+    except SettingsError as exc:
+        sys.stderr.write(f"{_err_prefix()}i3node: configuration error: {_one_line(str(exc))}\n")
+        return 2
+    except UsageError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     except KeyboardInterrupt:

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
+
+from node.settings import SettingsError
 
 __all__ = ["TlsConfigError", "server_context", "client_context", "TLS12_CIPHERS"]
 
@@ -31,11 +34,12 @@ __all__ = ["TlsConfigError", "server_context", "client_context", "TLS12_CIPHERS"
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
 
 
-class TlsConfigError(ValueError):
+class TlsConfigError(SettingsError):
     """A TLS certificate, key or CA file is missing, unreadable or invalid.
 
     The message starts with the settings key (``tls.certificate``, ``tls.private_key``,
-    ``tls.ca_file``) and names the file.
+    ``tls.ca_file``) and names the file. A :class:`~node.settings.SettingsError` (and so a
+    :class:`ValueError`): the command line reports it as a configuration error (exit 2).
     """
 
 
@@ -94,19 +98,21 @@ def _load_chain(
     ctx: ssl.SSLContext,
     certificate: str | os.PathLike[str],
     private_key: str | os.PathLike[str],
+    cert_key: str = "tls.certificate",
+    key_key: str = "tls.private_key",
 ) -> None:
-    cert = _check_file(certificate, "tls.certificate")
-    key = _check_file(private_key, "tls.private_key")
+    cert = _check_file(certificate, cert_key)
+    key = _check_file(private_key, key_key)
     try:
         ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
     except ssl.SSLError as exc:
         reason = str(getattr(exc, "reason", "") or exc)
         if "KEY_VALUES_MISMATCH" in reason.upper() or "mismatch" in reason.lower():
             raise TlsConfigError(
-                f"tls.private_key: key in {str(key)!r} does not match the certificate in {str(cert)!r}"
+                f"{key_key}: key in {str(key)!r} does not match the certificate in {str(cert)!r}"
             ) from None
         raise TlsConfigError(
-            f"tls.certificate/tls.private_key: could not load certificate {str(cert)!r} "
+            f"{cert_key}/{key_key}: could not load certificate {str(cert)!r} "
             f"with key {str(key)!r} ({reason})"
         ) from None
 
@@ -157,6 +163,7 @@ def client_context(
     private_key: str | os.PathLike[str] | None = None,
     *,
     check_hostname: bool = False,
+    names: Mapping[str, str] | None = None,
 ) -> ssl.SSLContext:
     """Return the TLS context for outbound associations (C-STORE / C-ECHO SCU).
 
@@ -170,6 +177,10 @@ def client_context(
     check_hostname : bool, default False
         Also match the server certificate against the host name; the caller must then
         pass ``server_hostname`` when wrapping the socket.
+    names : mapping, optional
+        What error messages call the three files instead of their settings keys
+        ``tls.ca_file``, ``tls.certificate`` and ``tls.private_key`` (the command line
+        maps them to ``--ca-file``, ``--certificate`` and ``--private-key``).
 
     Returns
     -------
@@ -182,16 +193,19 @@ def client_context(
         If a file is missing, unreadable or invalid, or only one of `certificate` and
         `private_key` is given.
     """
+    named = {k: (names or {}).get(k, k) for k in ("tls.ca_file", "tls.certificate", "tls.private_key")}
     has_cert = certificate is not None and str(certificate) != ""
     has_key = private_key is not None and str(private_key) != ""
     if has_cert != has_key:
-        missing = "tls.private_key" if has_cert else "tls.certificate"
-        raise TlsConfigError(f"{missing}: certificate and private_key must be given together")
+        missing = named["tls.private_key"] if has_cert else named["tls.certificate"]
+        raise TlsConfigError(
+            f"{missing}: {named['tls.certificate']} and {named['tls.private_key']} must be given together"
+        )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     _harden(ctx)
     ctx.check_hostname = bool(check_hostname)
     ctx.verify_mode = ssl.CERT_REQUIRED
-    _load_ca(ctx, ca_file)
+    _load_ca(ctx, ca_file, named["tls.ca_file"])
     if has_cert and certificate is not None and private_key is not None:
-        _load_chain(ctx, certificate, private_key)
+        _load_chain(ctx, certificate, private_key, named["tls.certificate"], named["tls.private_key"])
     return ctx
