@@ -57,6 +57,8 @@ __all__ = [
     "A_ABORT_INVALID_PDU_PARAMETER",
     "DUL_POLL_INTERVAL_S",
     "FOLLOW_WAIT_S",
+    "TLS_FAILURE_PREFIX",
+    "describe_tls_failure",
     "encode_store_success_rsp",
     "guard_reads",
     "install_fast_store",
@@ -145,6 +147,57 @@ def guard_reads(assoc: Any, cap: int, on_refuse: Callable[[int], None] | None = 
     return True
 
 
+#: Start of every reason :func:`tls_handshake` returns.
+TLS_FAILURE_PREFIX = "TLS handshake failed: "
+
+#: OpenSSL reason codes -> what an operator reads.
+_TLS_REASONS: dict[str, str] = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no client certificate",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no client certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust this node's certificate (unknown CA)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer refused this node's certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the peer refused this node's certificate",
+    "TLSV1_ALERT_ACCESS_DENIED": "the peer refused this node's certificate",
+    "WRONG_VERSION_NUMBER": "not a TLS connection (plain DICOM over TCP?)",
+    "HTTP_REQUEST": "not a TLS connection (an HTTP request)",
+    "UNKNOWN_PROTOCOL": "not a TLS connection",
+    "UNSUPPORTED_PROTOCOL": "TLS version not allowed (TLS 1.2 or later required)",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "TLS version not allowed (TLS 1.2 or later required)",
+    "NO_PROTOCOLS_AVAILABLE": "TLS version not allowed (TLS 1.2 or later required)",
+    "NO_SHARED_CIPHER": "no shared cipher suite",
+    "UNEXPECTED_EOF_WHILE_READING": "connection closed during the handshake",
+}
+
+
+def describe_tls_failure(exc: BaseException) -> str:
+    """Say in words why a TLS handshake failed.
+
+    Parameters
+    ----------
+    exc : BaseException
+        What ``do_handshake`` raised.
+
+    Returns
+    -------
+    str
+        ``"no client certificate"``, ``"certificate verify failed: <why>"``,
+        ``"handshake timed out"``, ``"connection closed during the handshake"``, ... or
+        OpenSSL's reason code when none of those applies. Never data from the peer
+        beyond what OpenSSL reports about its certificate.
+    """
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "handshake timed out"
+    reason = str(getattr(exc, "reason", "") or "")
+    if isinstance(exc, ssl.SSLCertVerificationError) or reason == "CERTIFICATE_VERIFY_FAILED":
+        why = getattr(exc, "verify_message", "") or ""
+        return f"certificate verify failed: {why}" if why else "certificate verify failed"
+    if reason in _TLS_REASONS:
+        return _TLS_REASONS[reason]
+    if isinstance(exc, ssl.SSLEOFError | ConnectionError | ssl.SSLZeroReturnError):
+        return "connection closed during the handshake"
+    return reason or type(exc).__name__
+
+
 def tls_handshake(assoc: Any, context: ssl.SSLContext, timeout: float) -> str | None:
     """Wrap the association's socket with TLS and complete the handshake within `timeout`.
 
@@ -155,7 +208,8 @@ def tls_handshake(assoc: Any, context: ssl.SSLContext, timeout: float) -> str | 
     Returns
     -------
     str or None
-        ``None`` on success; otherwise why the handshake failed (the socket is then closed).
+        ``None`` on success; otherwise why the handshake failed (the socket is then
+        closed): :data:`TLS_FAILURE_PREFIX` followed by :func:`describe_tls_failure`.
     """
     sock = _association_socket(assoc)
     raw = raw_socket(assoc)
@@ -166,12 +220,11 @@ def tls_handshake(assoc: Any, context: ssl.SSLContext, timeout: float) -> str | 
         wrapped = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
         wrapped.do_handshake()
     except (OSError, ssl.SSLError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or type(exc).__name__
         try:
             raw.close()
         except OSError:
             pass
-        return f"TLS handshake failed: {reason}"
+        return TLS_FAILURE_PREFIX + describe_tls_failure(exc)
     sock.socket = wrapped
     return None
 

@@ -251,7 +251,12 @@ class InstanceSink(Protocol):
 
 
 class AssociationObserver(Protocol):
-    """Optional observer of association outcomes (for an audit log)."""
+    """Optional observer of association outcomes (for an audit log).
+
+    An observer may also have ``tls_refused(address, reason)``: it is then told of a
+    refused TLS handshake (no association, hence no AE title) instead of
+    ``rejected("", address, reason)``.
+    """
 
     def accepted(self, calling_ae: str, address: str) -> None:
         """An association from `calling_ae` at `address` was accepted."""
@@ -809,8 +814,9 @@ class StoreSCP:
         if self.config.ssl_context is not None:
             failure = pynetdicom_compat.tls_handshake(assoc, self.config.ssl_context, self.config.acse_timeout)
             if failure is not None:
-                log.warning("Connection from %s refused: %s", address, failure)
-                self._notify_rejected("", address, failure)
+                where = f"{address}:{peer[1]}" if isinstance(peer, tuple) and len(peer) > 1 else address
+                log.warning("Connection from %s refused: %s", where, failure)
+                self._notify_tls_refused(address, failure)
                 return
         self._guard(assoc, address)
 
@@ -869,6 +875,16 @@ class StoreSCP:
         calling_ae = str(requestor.ae_title).strip()
         log.warning("Association from %s at %s rejected: %s", calling_ae, requestor.address, reason)
         self._notify_rejected(calling_ae, str(requestor.address), reason)
+
+    def _notify_tls_refused(self, address: str, reason: str) -> None:
+        hook = getattr(self.observer, "tls_refused", None)
+        if not callable(hook):
+            self._notify_rejected("", address, reason)
+            return
+        try:
+            hook(address, reason)
+        except Exception:
+            log.exception("Association observer failed")
 
     def _notify_rejected(self, calling_ae: str, address: str, reason: str) -> None:
         if self.observer is None:

@@ -239,6 +239,31 @@ class AuditLog:
             detail={"reason": _text(reason)},
         )
 
+    def tls_handshake_refused(self, address: str, reason: str) -> dict[str, Any]:
+        """A peer's TLS handshake failed, so no association could be requested.
+
+        Written as an ``association_rejected`` event (User Authentication, Login, minor
+        failure) without a remote AE title, with ``detail.stage = "tls"``.
+
+        Parameters
+        ----------
+        address : str
+            Peer network address.
+        reason : str
+            Why the handshake failed (``"TLS handshake failed: no client certificate"``).
+
+        Returns
+        -------
+        dict
+            The record written.
+        """
+        return self._write(
+            "association_rejected",
+            outcome=OUTCOME_MINOR_FAILURE,
+            remote={"address": _text(address, 64), "requestor": True},
+            detail={"reason": _text(reason), "stage": "tls"},
+        )
+
     def instances_stored(
         self,
         study_uid: str,
@@ -448,6 +473,10 @@ class AuditObserver:
     def rejected(self, calling_ae: str, address: str, reason: str) -> None:
         """Record a rejected association."""
         self.audit.association_rejected(calling_ae, address, reason)
+
+    def tls_refused(self, address: str, reason: str) -> None:
+        """Record a refused TLS handshake (see :meth:`AuditLog.tls_handshake_refused`)."""
+        self.audit.tls_handshake_refused(address, reason)
 
 
 class _Sink(Protocol):
