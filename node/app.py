@@ -7,6 +7,7 @@ these objects, so tests and the CLI get exactly the node that production runs.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 import time
@@ -27,12 +28,12 @@ from node.pipeline import PipelineContext, Refiner, Segmenter
 from node.retention import purge_once
 from node.runner import JobRunner
 from node.scheduler import NodeScheduler
-from node.settings import Settings
+from node.settings import Settings, SettingsError
 from node.store import Store
 from node.studies import sweep_stable_studies
 from node.tls import client_context, server_context
 
-__all__ = ["App", "build_app", "allowed_callers_map"]
+__all__ = ["App", "build_app", "allowed_callers_map", "database_url", "redacted_url"]
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,16 @@ class App:
             if late:
                 log.warning("audit: wrote %d instances_stored event(s) left from before the start", late)
         self.store.restart_stability_clocks()
-        resumed = self.store.resume_unfinished()
+        # Only this node's own work: another node's running job is that node's business
+        # until its lease runs out (then the "leases" task of any node requeues it).
+        resumed = self.store.release_own("requeued: the node holding it restarted")
         if resumed:
-            log.info("resuming %d unfinished job(s) after restart: %s", len(resumed), resumed)
+            log.info("resuming %d job(s) this node held before its restart: %s", len(resumed), resumed)
         self.scp.start()
         if self.metrics is not None:
             self._metrics_server = self.metrics.start_http(s.metrics.host, s.metrics.port)
         self.scheduler.every("sweep", s.study.sweep_interval_s, self.sweep)
+        self.scheduler.every("leases", s.node.lease_s / 3.0, self.keep_leases)
         if s.node.job_workers > 0:
             self.scheduler.soon("warm-up", self.models.warm_up, executor="models")
             self.scheduler.every("jobs", 1.0, self.runner.run_once, executor="models")
@@ -130,12 +134,30 @@ class App:
             "i3node listening as %s on %s:%d", self.settings.dicom.ae_title, self.settings.dicom.host, self.port
         )
 
-    def stop(self) -> None:
-        """Stop accepting associations, let running work finish, release resources."""
+    def keep_leases(self, now: float | None = None) -> None:
+        """Renew the leases of the work this node holds; requeue work whose node stopped renewing."""
+        self.store.renew_leases(now)
+        taken = self.store.reap_expired(now)
+        if taken and self._started:
+            self.scheduler.wake("jobs")
+
+    def stop(self) -> bool:
+        """Stop accepting associations and work; release resources.
+
+        A running job gets ``node.stop_timeout_s`` to finish.  If it is still running
+        then, it is handed back to the queue (state ``queued``, or the refinement's SEG
+        ``pending`` again) for this or another node to run, and this returns False: the
+        caller should end the process, the model thread cannot be interrupted.
+        """
         self._stop.set()
+        finished = True
         if self._started:
+            self.runner.stopping.set()
             self.scp.stop()
-            self.scheduler.shutdown(wait=True)
+            finished = self.scheduler.shutdown(timeout=self.settings.node.stop_timeout_s)
+            if not finished:
+                handed = self.store.release_own("handed back: the node stopped before the job finished")
+                log.warning("stopping with work unfinished: job(s) %s handed back to the queue", handed)
             if self.audit_sink is not None:
                 self.audit_sink.flush(force=True)
             if self._metrics_server is not None:
@@ -146,6 +168,7 @@ class App:
         if self.audit is not None:
             self.audit.close()
         self.store.close()
+        return finished
 
     def request_stop(self) -> None:
         """Ask :meth:`serve_forever` to return (signal handlers call this)."""
@@ -161,7 +184,51 @@ class App:
                 systemd.notify("WATCHDOG=1")
         finally:
             systemd.notify("STOPPING=1")
-            self.stop()
+            if not self.stop():
+                # A model thread cannot be interrupted and the interpreter would wait for it
+                # at exit; its job is handed back, so end the process now.
+                logging.shutdown()
+                os._exit(0)
+
+
+def database_url(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
+    """The state database URL with its password from ``storage.database_password_file`` or
+    ``I3NODE_DATABASE_PASSWORD`` (a password inside the URL is used as it is).
+
+    Raises
+    ------
+    SettingsError
+        When the password file cannot be read (naming the key).
+    """
+    import sqlalchemy as sa
+
+    env = os.environ if environ is None else environ
+    url = settings.database_url
+    password = None
+    f = settings.storage.database_password_file
+    if f:
+        try:
+            password = Path(f).read_text().strip("\r\n")
+        except OSError as exc:
+            raise SettingsError(f"storage.database_password_file: cannot read {f}: {exc.strerror}") from None
+    elif env.get("I3NODE_DATABASE_PASSWORD"):
+        password = env["I3NODE_DATABASE_PASSWORD"]
+    if password is None or url.startswith("sqlite"):
+        return url
+    parsed = sa.engine.make_url(url)
+    if parsed.password:
+        return url
+    return parsed.set(password=password).render_as_string(hide_password=False)
+
+
+def redacted_url(url: str) -> str:
+    """A database URL safe to show (password replaced by ``***``)."""
+    import sqlalchemy as sa
+
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL is shown without anything after the scheme
+        return url.split("://", 1)[0] + "://(unparsable)"
 
 
 def model_tag(folder: Path) -> str:
@@ -294,7 +361,7 @@ def scp_config_from(settings: Settings, ssl_context: ssl.SSLContext | None) -> S
 def build_app(settings: Settings) -> App:
     """Compose a node from its settings (the only place that does so)."""
     quiet_pydicom()
-    store = Store(settings.database_url)
+    store = Store(database_url(settings), node_id=settings.node_id, lease_s=settings.node.lease_s)
     scheduler = NodeScheduler()
     models = LazyModels(settings)
     d = settings.dicom

@@ -436,18 +436,37 @@ class Exporter:
 
     # -- internals ---------------------------------------------------------
     def _due(self, dest: Destination, now: float) -> list[DeliveryRow]:
-        q = (
-            _with_path()
+        """Claim a batch of due deliveries for this node (one atomic statement; see :mod:`node.store`).
+
+        A delivery held by another node is skipped until that node records it or its
+        lease runs out, so several nodes on one database never send one output twice
+        at once.
+        """
+        store = self.store
+        pick = (
+            sa.select(deliveries.c.id)
             .where(
                 deliveries.c.destination == dest.ae_title,
                 deliveries.c.state == DeliveryState.PENDING.value,
                 deliveries.c.next_attempt_at <= now,
+                sa.or_(deliveries.c.owner.is_(None), deliveries.c.lease_until < now),
             )
             .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
             .limit(_BATCH_SIZE)
+            .with_for_update(skip_locked=True)
         )
-        with self.store.engine.connect() as c:
-            return [_row(r) for r in c.execute(q)]
+        claim = (
+            deliveries.update()
+            .where(deliveries.c.id.in_(pick.scalar_subquery()))
+            .values(owner=store.node_id, lease_until=now + store.lease_s)
+            .returning(deliveries.c.id)
+        )
+        with store._write_lock, store.engine.begin() as c:
+            ids = [int(r.id) for r in c.execute(claim)]
+            if not ids:
+                return []
+            rows = c.execute(_with_path().where(deliveries.c.id.in_(ids))).all()
+        return sorted((_row(r) for r in rows), key=lambda r: (r.next_attempt_at, r.id))
 
     def _send(self, dest: Destination, batch: Sequence[DeliveryRow], now: float) -> ExportSummary:
         missing = {r.sop_uid: f"output file missing: {r.path}" for r in batch if not r.path.is_file()}
@@ -501,12 +520,15 @@ class Exporter:
             )
         return ExportSummary(delivered=delivered, retried=retried, dead=dead)
 
-    @staticmethod
-    def _update(c: Connection, delivery_id: int, values: Mapping[str, Any]) -> None:
+    def _update(self, c: Connection, delivery_id: int, values: Mapping[str, Any]) -> None:
         c.execute(
             deliveries.update()
-            .where(deliveries.c.id == delivery_id, deliveries.c.state == DeliveryState.PENDING.value)
-            .values(**values)
+            .where(
+                deliveries.c.id == delivery_id,
+                deliveries.c.state == DeliveryState.PENDING.value,
+                deliveries.c.owner == self.store.node_id,
+            )
+            .values(owner=None, lease_until=None, **values)
         )
 
     def _transfer(self, dest: Destination, batch: Sequence[DeliveryRow]) -> _BatchOutcome:

@@ -50,6 +50,7 @@ __all__ = [
     "OutputFile",
     "PipelineContext",
     "PermanentJobError",
+    "JobBusy",
     "output_uids",
     "picks_from_selection",
     "reviewed_from_picks",
@@ -91,6 +92,10 @@ class Refiner(Protocol):
 
 class PermanentJobError(Exception):
     """A job failure that retrying cannot fix (bad series, unreadable SEG)."""
+
+
+class JobBusy(Exception):
+    """The job is being refined (by this or another node); the corrected SEG waits its turn."""
 
 
 @dataclass
@@ -311,7 +316,10 @@ def _timed(ctx: PipelineContext, stage: str, t0: float) -> float:
 
 
 def run_segmentation(ctx: PipelineContext, job_id: int) -> None:
-    """Run a queued job up to ``awaiting_correction`` (outputs registered for delivery).
+    """Run a job this node claimed (:meth:`node.store.Store.claim_job`) up to ``awaiting_correction``.
+
+    Outputs are registered for delivery.  Every transition is guarded by this node's
+    claim: :class:`node.store.LeaseLost` means another node took the job over.
 
     Raises
     ------
@@ -330,7 +338,7 @@ def run_segmentation(ctx: PipelineContext, job_id: int) -> None:
     arrays_path = work / "preseg.npz"
     timings: dict[str, float] = dict(data.get("timings", {}))
 
-    store.set_job_state(job_id, JobState.SEGMENTING, data=data, attempts=job["attempts"] + 1)
+    store.set_job_state(job_id, JobState.SEGMENTING, data=data, owned=True, reason=f"attempt {job['attempts']}")
     t0 = time.monotonic()
     volume, headers = _load_volume(ctx, series_uid)
     timings["load_series"] = _timed(ctx, "load_series", t0)
@@ -351,7 +359,7 @@ def run_segmentation(ctx: PipelineContext, job_id: int) -> None:
         _write_arrays(arrays_path, labels=labels, uncertainty=uncertainty.astype(np.float32),
                       probabilities=quantize_probabilities(acc.mean()))
 
-    store.set_job_state(job_id, JobState.SELECTING, data=data)
+    store.set_job_state(job_id, JobState.SELECTING, data=data, owned=True)
     t0 = time.monotonic()
     selection = select_review(uncertainty, labels, s.acquisition)
     picks = picks_from_selection(selection, uncertainty, volume)
@@ -360,7 +368,7 @@ def run_segmentation(ctx: PipelineContext, job_id: int) -> None:
     data["annotation_ratio"] = round(len(picks) / n_fg, 4) if n_fg else None
     timings["selection"] = _timed(ctx, "selection", t0)
 
-    store.set_job_state(job_id, JobState.EXPORTING, data=data)
+    store.set_job_state(job_id, JobState.EXPORTING, data=data, owned=True)
     t0 = time.monotonic()
     files = _export_presegmentation(ctx, job_id, volume, headers, labels, picks, uids, work / "v1")
     ctx.register_outputs(job_id, 1, files)
@@ -372,6 +380,7 @@ def run_segmentation(ctx: PipelineContext, job_id: int) -> None:
         JobState.AWAITING_CORRECTION,
         data=data,
         reason=f"{len(picks)} slice(s) to review",
+        owned=True,
     )
     log.info("job %d: presegmentation exported, %d slice(s) requested for review", job_id, len(picks))
 
@@ -541,7 +550,11 @@ def run_refinement(ctx: PipelineContext, job_id: int, correction_sop_uid: str) -
         store.set_correction(correction_sop_uid, CorrectionState.APPLIED, job_id=job_id, reason="already applied")
         return int(job["version"])
     version = int(job["version"]) + 1
-    store.set_job_state(job_id, JobState.REFINING, data=data, reason=f"refining v{version}")
+    if not store.claim_for_refinement(job_id, f"refining v{version}"):
+        raise JobBusy(f"job {job_id} is busy ({job['state']})")
+    # Read again under the claim: another refinement may have finished in between.
+    job, data = store.job(job_id) or job, store.job_data(job_id)
+    version = int(job["version"]) + 1
     work = ctx.workdir(job_id)
     t0 = time.monotonic()
     volume, headers = _load_volume(ctx, job["series_uid"])
@@ -553,7 +566,7 @@ def run_refinement(ctx: PipelineContext, job_id: int, correction_sop_uid: str) -
     except SegReadError as exc:
         store.set_correction(correction_sop_uid, CorrectionState.REJECTED, job_id=job_id, reason=str(exc))
         back = JobState.DONE if data.get("refined_versions") else JobState.AWAITING_CORRECTION
-        store.set_job_state(job_id, back, data=data, reason=f"corrected SEG rejected: {exc}")
+        store.set_job_state(job_id, back, data=data, reason=f"corrected SEG rejected: {exc}", owned=True)
         log.warning("job %d: corrected SEG %s rejected: %s", job_id, correction_sop_uid, exc)
         return int(job["version"])
     if result.unknown_segments:
@@ -591,7 +604,7 @@ def run_refinement(ctx: PipelineContext, job_id: int, correction_sop_uid: str) -
     refiners[str(version)] = {"method": refiner.name, "version": refiner.version}
     data["refiners"] = refiners
 
-    store.set_job_state(job_id, JobState.EXPORTING, data=data, reason=f"exporting v{version}")
+    store.set_job_state(job_id, JobState.EXPORTING, data=data, reason=f"exporting v{version}", owned=True)
     t0 = time.monotonic()
     uids = output_uids(ctx.uids, job_id, job["series_uid"], version)
     out, _seg = _write_seg(ctx, headers, refined, uids, work / f"v{version}", version=version, refiner=refiner)
@@ -602,7 +615,8 @@ def run_refinement(ctx: PipelineContext, job_id: int, correction_sop_uid: str) -
     data["refined_versions"] = sorted(set(data.get("refined_versions", [])) | {version})
     data["reviewed"] = {str(a): v for a, v in reviewed.items()}
     data["timings"] = timings
-    store.set_job_state(job_id, JobState.DONE, data=data, version=version, reason=f"refined v{version} exported")
+    store.set_job_state(job_id, JobState.DONE, data=data, version=version, reason=f"refined v{version} exported",
+                        owned=True)
     store.set_correction(correction_sop_uid, CorrectionState.APPLIED, job_id=job_id)
     log.info("job %d: refined v%d exported", job_id, version)
     return version

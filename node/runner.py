@@ -4,23 +4,31 @@
 executor (so heavy model work never overlaps) and directly by tests.  Corrected SEGs
 are handled before new presegmentation jobs: a radiologist waiting for a refinement
 is the more urgent customer.
+
+Work is *claimed* in the state store (:meth:`node.store.Store.claim_job`,
+:meth:`~node.store.Store.claim_correction`), so several nodes on one database each
+run a job exactly once; a node whose claim was taken over (its lease ran out) stops
+working on that job and leaves it alone (:class:`node.store.LeaseLost`).
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from node.pipeline import (
+    JobBusy,
     PermanentJobError,
     PipelineContext,
     ingest_correction,
     run_refinement,
     run_segmentation,
 )
-from node.store import CorrectionState, JobState
+from node.store import CorrectionState, JobState, LeaseLost
 
 __all__ = ["JobRunner", "RunSummary", "failure_reason", "failure_trace"]
 
@@ -76,6 +84,8 @@ class RunSummary:
     failed: int = 0
     retried: int = 0
     unmatched: int = 0
+    lost: int = 0  #: jobs another node took over (this node's lease ran out)
+    busy: int = 0  #: corrected SEGs put back because their job was being refined
 
 
 class JobRunner:
@@ -95,28 +105,53 @@ class JobRunner:
         self.ctx = ctx
         self.max_attempts = max_attempts
         self.retry_delay_s = retry_delay_s
+        #: Set when the node stops: no new work is claimed (the running job goes on).
+        self.stopping = threading.Event()
 
     def run_once(self, now: float | None = None) -> RunSummary:
-        """Process every pending correction, then every due queued job."""
+        """Claim and process every pending correction, then every due queued job, one at a time."""
         summary = RunSummary()
         store = self.ctx.store
-        while True:
-            pending = store.corrections([CorrectionState.PENDING])
-            if pending:
-                self._correction(pending[0]["sop_uid"], summary)
+        while not self.stopping.is_set():
+            t = time.time() if now is None else now
+            correction = store.claim_correction(t)
+            if correction is not None:
+                self._guarded(self._correction, str(correction["sop_uid"]), summary)
                 continue
-            job = store.next_queued_job(time.time() if now is None else now)
+            job = store.claim_job(t)
             if job is None:
-                return summary
-            self._segment(int(job["id"]), summary)
+                break
+            if int(job["attempts"]) > self.max_attempts:
+                self._guarded(self._give_up, int(job["id"]), summary)
+                continue
+            self._guarded(self._segment, int(job["id"]), summary)
+        return summary
+
+    def _guarded(self, step: Any, key: Any, summary: RunSummary) -> None:
+        try:
+            step(key, summary)
+        except LeaseLost as exc:
+            log.warning("%s; this node leaves it to the node that took it over", exc)
+            summary.lost += 1
+
+    def _give_up(self, job_id: int, summary: RunSummary) -> None:
+        """A job claimed more often than allowed: its earlier runs ended without a result (node lost)."""
+        self.ctx.store.set_job_state(
+            job_id, JobState.FAILED, owned=True,
+            reason=f"gave up after {self.max_attempts} attempts: the node running it stopped or died each time",
+        )
+        log.error("job %d failed: %d attempts ended without a result", job_id, self.max_attempts)
+        summary.failed += 1
 
     def _segment(self, job_id: int, summary: RunSummary) -> None:
         store = self.ctx.store
         try:
             run_segmentation(self.ctx, job_id)
             summary.segmented += 1
+        except LeaseLost:
+            raise
         except PermanentJobError as exc:
-            store.set_job_state(job_id, JobState.FAILED, reason=str(exc))
+            store.set_job_state(job_id, JobState.FAILED, reason=str(exc), owned=True)
             log.error("job %d failed: %s (input kept)", job_id, exc)
             summary.failed += 1
         except Exception as exc:  # retried: model, disk or transient failures
@@ -125,7 +160,8 @@ class JobRunner:
             reason = failure_reason(exc)
             log.error("job %d attempt %d failed: %s\n%s", job_id, attempts, reason, failure_trace(exc))
             if attempts >= self.max_attempts:
-                store.set_job_state(job_id, JobState.FAILED, reason=f"gave up after {attempts} attempts: {reason}")
+                store.set_job_state(job_id, JobState.FAILED, reason=f"gave up after {attempts} attempts: {reason}",
+                                    owned=True)
                 summary.failed += 1
             else:
                 delay = self.retry_delay_s * 2 ** (attempts - 1)
@@ -134,6 +170,7 @@ class JobRunner:
                     JobState.QUEUED,
                     reason=f"attempt {attempts} failed ({reason}); retrying in {delay:.0f} s",
                     not_before=time.time() + delay,
+                    owned=True,
                 )
                 summary.retried += 1
 
@@ -154,25 +191,36 @@ class JobRunner:
         try:
             run_refinement(self.ctx, job_id, sop_uid)
             summary.refined += 1
+        except LeaseLost:
+            raise
+        except JobBusy as exc:
+            store.set_correction(sop_uid, CorrectionState.PENDING, job_id=job_id, reason=f"waiting: {exc}",
+                                 not_before=time.time() + min(self.retry_delay_s, 5.0))
+            summary.busy += 1
         except PermanentJobError as exc:
             store.set_correction(sop_uid, CorrectionState.REJECTED, job_id=job_id, reason=str(exc))
-            store.set_job_state(job_id, previous, reason=f"corrected SEG rejected: {exc}")
+            self._hand_back(job_id, previous, f"corrected SEG rejected: {exc}")
             summary.failed += 1
         except Exception as exc:
-            data = store.job_data(job_id)
             # Counted per corrected SEG: failures of one SEG never shorten the next one's retries.
-            by_sop = dict(data.get("refine_failures", {})) if isinstance(data.get("refine_failures"), dict) else {}
-            failures = int(by_sop.get(sop_uid, 0)) + 1
-            by_sop[sop_uid] = failures
-            data["refine_failures"] = by_sop
+            failures = store.count_correction_failure(sop_uid)
             reason = failure_reason(exc)
             log.error("job %d refinement failed: %s\n%s", job_id, reason, failure_trace(exc))
             if failures >= self.max_attempts:
-                store.set_correction(sop_uid, CorrectionState.FAILED, job_id=job_id, reason=f"gave up after {failures} attempts: {reason}")
-                store.set_job_state(job_id, previous, data=data, reason=f"refinement failed: {reason}")
+                self._hand_back(job_id, previous, f"refinement failed: {reason}")
+                store.set_correction(sop_uid, CorrectionState.FAILED, job_id=job_id,
+                                     reason=f"gave up after {failures} attempts: {reason}")
                 summary.failed += 1
             else:
-                store.set_correction(sop_uid, CorrectionState.PENDING, job_id=job_id, reason=f"attempt {failures} failed: {reason}")
-                store.set_job_state(job_id, previous, data=data, reason=f"refinement attempt {failures} failed; retrying")
+                self._hand_back(job_id, previous, f"refinement attempt {failures} failed; retrying")
+                store.set_correction(sop_uid, CorrectionState.PENDING, job_id=job_id,
+                                     reason=f"attempt {failures} failed: {reason}",
+                                     not_before=time.time() + min(self.retry_delay_s, 5.0))
                 summary.retried += 1
-                time.sleep(min(self.retry_delay_s, 5.0))
+
+    def _hand_back(self, job_id: int, previous: JobState, reason: str) -> None:
+        """Return a job this node was refining to the state it had; a job it does not hold is left alone."""
+        try:
+            self.ctx.store.set_job_state(job_id, previous, reason=reason, owned=True)
+        except LeaseLost:
+            log.debug("job %d: not held by this node, state left as it is", job_id)

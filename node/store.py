@@ -1,7 +1,18 @@
 """State store: studies, series, instances, jobs, outputs and deliveries.
 
-One database behind SQLAlchemy Core.  SQLite in WAL mode is the default; any other
-SQLAlchemy URL, e.g. PostgreSQL, works for several nodes sharing work.
+One database behind SQLAlchemy Core.  SQLite in WAL mode is the default; PostgreSQL
+serves several nodes sharing work.  The schema is managed by Alembic
+(:mod:`node.migrations`), upgraded when a store is opened.
+
+Several nodes, exactly once: work (a queued job, a pending corrected SEG, a due
+delivery) is *claimed* by one atomic statement that sets its ``owner`` (the node's
+name) and a ``lease_until`` time - ``UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP
+LOCKED LIMIT 1) RETURNING`` on PostgreSQL; on SQLite the same statement is atomic
+because SQLite runs one writer at a time.  Every later transition of claimed work is
+guarded by the owner (a node that lost its claim gets :class:`LeaseLost` and stops).
+The owner renews its leases while it works (:meth:`Store.renew_leases`); work whose
+lease ran out - its node died - goes back to the queue (:meth:`Store.reap_expired`).
+Lease times come from the nodes' clocks: keep them synchronised (NTP).
 
 Durability: the SCP acknowledges an instance only after its file is fsynced and its
 row committed.  SQLite runs with ``synchronous=NORMAL`` (a commit survives a crash of
@@ -28,9 +39,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from dicom.scp import InstanceConflict, StoredInstance
+from node import migrations
 
 __all__ = [
     "JobState",
+    "CLAIMED_STATES",
+    "LeaseLost",
+    "StoreMissing",
     "UNFINISHED_STATES",
     "CorrectionState",
     "DeliveryState",
@@ -89,6 +104,17 @@ class DeliveryState(str, enum.Enum):
 UNFINISHED_STATES = frozenset(
     {JobState.RECEIVED, JobState.QUEUED, JobState.SEGMENTING, JobState.SELECTING, JobState.EXPORTING, JobState.REFINING}
 )
+#: Job states in which a node holds the job (``owner`` and ``lease_until`` are set).
+CLAIMED_STATES = frozenset({JobState.SEGMENTING, JobState.SELECTING, JobState.EXPORTING, JobState.REFINING})
+_PRESEG_STATES = [JobState.SEGMENTING.value, JobState.SELECTING.value, JobState.EXPORTING.value]
+
+
+class LeaseLost(RuntimeError):
+    """This node no longer holds the work: its lease ran out and another node took it over."""
+
+
+class StoreMissing(RuntimeError):
+    """The state database does not exist or has no i3node schema (and may not be created)."""
 
 metadata = sa.MetaData()
 
@@ -135,13 +161,6 @@ instances = sa.Table(
     sa.Column("audited", sa.Boolean, nullable=False, server_default=sa.true(), index=True),
 )
 
-#: Columns added after the first release: (table, column, DDL type and default). Created on
-#: databases that lack them (rows that existed before count as audited).
-_ADDED_COLUMNS = (
-    ("instances", "peer_address", "VARCHAR(64) NOT NULL DEFAULT ''"),
-    ("instances", "audited", "BOOLEAN NOT NULL DEFAULT TRUE"),
-)
-
 jobs = sa.Table(
     "jobs",
     metadata,
@@ -156,6 +175,8 @@ jobs = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("not_before", sa.Float, nullable=False, default=0.0),
+    sa.Column("owner", sa.String(64), index=True),  # the node holding the job (CLAIMED_STATES)
+    sa.Column("lease_until", sa.Float),
 )
 
 job_events = sa.Table(
@@ -166,6 +187,7 @@ job_events = sa.Table(
     sa.Column("state", sa.String(32), nullable=False),
     sa.Column("reason", sa.Text, nullable=False, default=""),
     sa.Column("at", sa.Float, nullable=False),
+    sa.Column("node", sa.String(64), nullable=False, server_default=""),  # who made the transition
 )
 
 outputs = sa.Table(
@@ -191,6 +213,8 @@ deliveries = sa.Table(
     sa.Column("next_attempt_at", sa.Float, nullable=False, default=0.0),
     sa.Column("last_error", sa.Text, nullable=False, default=""),
     sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("owner", sa.String(64), index=True),  # the node sending it right now
+    sa.Column("lease_until", sa.Float),
     sa.UniqueConstraint("output_uid", "destination"),
 )
 
@@ -200,9 +224,13 @@ corrections = sa.Table(
     sa.Column("sop_uid", sa.String(64), primary_key=True),  # the inbound corrected SEG
     sa.Column("series_uid", sa.String(64), nullable=False),  # the SEG's own series
     sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id")),
-    sa.Column("state", sa.String(16), nullable=False),  # CorrectionState
+    sa.Column("state", sa.String(16), nullable=False, index=True),  # CorrectionState
     sa.Column("reason", sa.Text, nullable=False, default=""),
     sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("owner", sa.String(64), index=True),  # the node processing it
+    sa.Column("lease_until", sa.Float),
+    sa.Column("not_before", sa.Float, nullable=False, server_default="0"),  # retry delay
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),  # refinement attempts that failed
 )
 
 
@@ -232,7 +260,7 @@ _Q_TOUCH_RECEIVING = (
     .values(last_received_at=_P("now"))
 )
 _Q_STUDY_STATE = sa.select(studies.c.state).where(studies.c.study_uid == _P("study"))
-_Q_STUDY_INSERT = studies.insert().values(
+_STUDY_INSERT_VALUES = dict(
     study_uid=_P("study"), state=StudyState.RECEIVING.value, n_instances=1,
     first_received_at=_P("now"), last_received_at=_P("now"), reopened=0,
 )
@@ -247,7 +275,7 @@ _Q_STUDY_RECEIVE = (
     )
 )
 _Q_SERIES_EXISTS = sa.select(series.c.study_uid).where(series.c.series_uid == _P("series"))
-_Q_SERIES_INSERT = series.insert().values(
+_SERIES_INSERT_VALUES = dict(
     series_uid=_P("series"), study_uid=_P("study"), modality=_P("modality"),
     sop_class_uid=_P("sop_class"), description=_P("description"),
     series_number=_P("number"), n_instances=1, last_received_at=_P("now"), jobbed_instances=0,
@@ -265,6 +293,19 @@ _Q_INSTANCE_INSERT = instances.insert().values(
 )
 
 
+def _insert_if_absent(engine: Engine, table: sa.Table) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` in the engine's dialect (PostgreSQL and SQLite)."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    if engine.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).on_conflict_do_nothing()
+    raise ValueError(f"storage.database_url: unsupported database {engine.dialect.name!r} (use sqlite or postgresql)")
+
+
 class Store:
     """The node's state database.
 
@@ -272,31 +313,44 @@ class Store:
     ----------
     url
         SQLAlchemy URL.  ``sqlite:///path`` creates the parent directory.
+    node_id
+        This node's name: the owner of the work it claims, recorded with every job event.
+    lease_s
+        Lease on claimed work, in seconds.
+    create
+        Create or upgrade the schema (a node starting).  False (``i3node status``):
+        raise :class:`StoreMissing` when there is no i3node database there, rather than
+        creating an empty one.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, node_id: str = "i3node", lease_s: float = 60.0, create: bool = True) -> None:
         self.url = url
+        self.node_id = node_id
+        self.lease_s = float(lease_s)
         kwargs: dict[str, Any] = {"future": True}
         if url.startswith("sqlite"):
             db_path = url.split("///", 1)[-1]
             if db_path and db_path != ":memory:":
+                if not create and not Path(db_path).is_file():
+                    raise StoreMissing(f"no state database at {db_path}")
                 Path(db_path).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True  # a database restart must not fail the next query
         self.engine: Engine = sa.create_engine(url, **kwargs)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
-        self._add_missing_columns()
+        if create:
+            migrations.upgrade(self.engine)
+        else:
+            with self.engine.connect() as c:
+                if not sa.inspect(c).has_table("jobs"):
+                    self.engine.dispose()
+                    raise StoreMissing("the database has no i3node tables")
+        self._q_study_insert = _insert_if_absent(self.engine, studies).values(**_STUDY_INSERT_VALUES)
+        self._q_series_insert = _insert_if_absent(self.engine, series).values(**_SERIES_INSERT_VALUES)
         # SQLite allows one writer; serialising writers here avoids busy retries.
         self._write_lock = threading.Lock()
-
-    def _add_missing_columns(self) -> None:
-        inspector = sa.inspect(self.engine)
-        for table, column, ddl in _ADDED_COLUMNS:
-            if column not in {c["name"] for c in inspector.get_columns(table)}:
-                with self.engine.begin() as c:
-                    c.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
-                log.info("state database: added column %s.%s", table, column)
 
     def close(self) -> None:
         """Release database connections."""
@@ -325,60 +379,55 @@ class Store:
         # Prebuilt statements with bound parameters: this runs once per received
         # instance, before its C-STORE is acknowledged, and building SQLAlchemy
         # statements per call cost more than the database work.
-        with self._write_lock, self._tx() as c:
-            known = c.execute(_Q_INSTANCE_EXISTS, {"sop": rec.sop_uid}).first()
-            if known is not None:
-                if (known.study_uid, known.series_uid) != (rec.study_uid, rec.series_uid):
-                    raise InstanceConflict(f"SOP Instance UID already stored in series {known.series_uid}")
-                # A re-sent instance shows the sender is still at work on a study that is
-                # receiving: it keeps the stability clock from running out mid-resend.
-                c.execute(_Q_TOUCH_RECEIVING, {"study": rec.study_uid, "now": now})
-                return RecordOutcome(new=False, reopened_study=False)
+        for attempt in range(3):
+            try:
+                with self._write_lock, self._tx() as c:
+                    outcome = self._record(c, rec, now)
+                break
+            except sa.exc.IntegrityError:
+                # Another receiver recorded the same instance at the same moment (several
+                # nodes on one database): look again, it is a duplicate now.
+                if attempt == 2:
+                    raise
+        if outcome.reopened_study:
+            log.info("late instance re-opened stable study %s", rec.study_uid)
+        return outcome
+
+    def _record(self, c: Connection, rec: StoredInstance, now: float) -> RecordOutcome:
+        known = c.execute(_Q_INSTANCE_EXISTS, {"sop": rec.sop_uid}).first()
+        if known is not None:
+            if (known.study_uid, known.series_uid) != (rec.study_uid, rec.series_uid):
+                raise InstanceConflict(f"SOP Instance UID already stored in series {known.series_uid}")
+            # A re-sent instance shows the sender is still at work on a study that is
+            # receiving: it keeps the stability clock from running out mid-resend.
+            c.execute(_Q_TOUCH_RECEIVING, {"study": rec.study_uid, "now": now})
+            return RecordOutcome(new=False, reopened_study=False)
+        # Study and series rows are inserted if absent (ON CONFLICT DO NOTHING), so two
+        # receivers starting the same study at once both succeed.
+        reopened = False
+        if c.execute(self._q_study_insert, {"study": rec.study_uid, "now": now}).rowcount != 1:
+            st = c.execute(_Q_STUDY_STATE, {"study": rec.study_uid}).first()
+            reopened = st is not None and st.state == StudyState.STABLE.value
+            c.execute(_Q_STUDY_RECEIVE, {"study": rec.study_uid, "now": now, "reopened": 1 if reopened else 0})
+        series_row = {
+            "series": rec.series_uid, "study": rec.study_uid, "modality": rec.modality,
+            "sop_class": rec.sop_class_uid, "description": rec.series_description[:64],
+            "number": rec.series_number, "now": now,
+        }
+        if c.execute(self._q_series_insert, series_row).rowcount != 1:
             owner = c.execute(_Q_SERIES_EXISTS, {"series": rec.series_uid}).first()
             if owner is not None and owner.study_uid != rec.study_uid:
                 raise InstanceConflict(f"Series Instance UID already used in study {owner.study_uid}")
-            st = c.execute(_Q_STUDY_STATE, {"study": rec.study_uid}).first()
-            reopened = False
-            if st is None:
-                c.execute(_Q_STUDY_INSERT, {"study": rec.study_uid, "now": now})
-            else:
-                reopened = st.state == StudyState.STABLE.value
-                c.execute(
-                    _Q_STUDY_RECEIVE,
-                    {"study": rec.study_uid, "now": now, "reopened": 1 if reopened else 0},
-                )
-            if owner is None:
-                c.execute(
-                    _Q_SERIES_INSERT,
-                    {
-                        "series": rec.series_uid,
-                        "study": rec.study_uid,
-                        "modality": rec.modality,
-                        "sop_class": rec.sop_class_uid,
-                        "description": rec.series_description[:64],
-                        "number": rec.series_number,
-                        "now": now,
-                    },
-                )
-            else:
-                c.execute(_Q_SERIES_RECEIVE, {"series": rec.series_uid, "now": now})
-            c.execute(
-                _Q_INSTANCE_INSERT,
-                {
-                    "sop": rec.sop_uid,
-                    "series": rec.series_uid,
-                    "study": rec.study_uid,
-                    "sop_class": rec.sop_class_uid,
-                    "path": str(rec.path),
-                    "size": rec.size,
-                    "calling_ae": rec.calling_ae,
-                    "number": rec.instance_number,
-                    "now": now,
-                    "peer": rec.peer_address[:64],
-                },
-            )
-        if reopened:
-            log.info("late instance re-opened stable study %s", rec.study_uid)
+            c.execute(_Q_SERIES_RECEIVE, {"series": rec.series_uid, "now": now})
+        c.execute(
+            _Q_INSTANCE_INSERT,
+            {
+                "sop": rec.sop_uid, "series": rec.series_uid, "study": rec.study_uid,
+                "sop_class": rec.sop_class_uid, "path": str(rec.path), "size": rec.size,
+                "calling_ae": rec.calling_ae, "number": rec.instance_number, "now": now,
+                "peer": rec.peer_address[:64],
+            },
+        )
         return RecordOutcome(new=True, reopened_study=reopened)
 
     def unaudited_instances(self, limit: int = 10000) -> list[Row]:
@@ -506,7 +555,7 @@ class Store:
             )
         )
         jid = int(r.inserted_primary_key[0])  # type: ignore[index]  # always set for one insert
-        c.execute(job_events.insert().values(job_id=jid, state=JobState.QUEUED.value, reason="study stable", at=now))
+        self._event(c, jid, JobState.QUEUED.value, "study stable", now)
         return jid
 
     def job(self, job_id: int) -> Row | None:
@@ -541,10 +590,25 @@ class Store:
         version: int | None = None,
         not_before: float | None = None,
         now: float | None = None,
+        owned: bool = False,
     ) -> None:
-        """Move a job to ``state`` and record the transition with its timestamp."""
+        """Move a job to ``state`` and record the transition with its timestamp and this node.
+
+        A job moving into one of :data:`CLAIMED_STATES` is held by this node (owner and a
+        fresh lease); any other state releases it.  The transition is guarded: with
+        ``owned`` the job must be held by this node, without it the job must be held by
+        this node or by none, so one node never overwrites work another node holds.
+
+        Raises
+        ------
+        LeaseLost
+            With ``owned``, when this node no longer holds the job.
+        KeyError
+            Without ``owned``, when the job does not exist or another node holds it.
+        """
         now = time.time() if now is None else now
         values: dict[str, Any] = {"state": state.value, "reason": reason, "updated_at": now}
+        values.update(self._claim_values(state in CLAIMED_STATES, now))
         if attempts is not None:
             values["attempts"] = attempts
         if data is not None:
@@ -553,11 +617,23 @@ class Store:
             values["version"] = version
         if not_before is not None:
             values["not_before"] = not_before
+        held = jobs.c.owner == self.node_id
+        guard = held if owned else sa.or_(held, jobs.c.owner.is_(None))
         with self._write_lock, self._tx() as c:
-            res = c.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+            res = c.execute(jobs.update().where(jobs.c.id == job_id, guard).values(**values))
             if res.rowcount != 1:
-                raise KeyError(f"job {job_id} does not exist")
-            c.execute(job_events.insert().values(job_id=job_id, state=state.value, reason=reason, at=now))
+                if owned:
+                    raise LeaseLost(f"job {job_id} is no longer held by node {self.node_id}")
+                raise KeyError(f"job {job_id} does not exist or another node holds it")
+            self._event(c, job_id, state.value, reason, now)
+
+    def _claim_values(self, hold: bool, now: float) -> dict[str, Any]:
+        if hold:
+            return {"owner": self.node_id, "lease_until": now + self.lease_s}
+        return {"owner": None, "lease_until": None}
+
+    def _event(self, c: Connection, job_id: int, state: str, reason: str, now: float) -> None:
+        c.execute(job_events.insert().values(job_id=job_id, state=state, reason=reason, at=now, node=self.node_id))
 
     def job_events(self, job_id: int) -> list[Row]:
         """State transitions of a job, oldest first."""
@@ -597,15 +673,20 @@ class Store:
         """Record an inbound corrected SEG as pending; False if it was already known."""
         now = time.time() if now is None else now
         with self._write_lock, self._tx() as c:
-            if c.execute(sa.select(corrections.c.sop_uid).where(corrections.c.sop_uid == sop_uid)).first():
-                return False
-            c.execute(
-                corrections.insert().values(
-                    sop_uid=sop_uid, series_uid=series_uid, job_id=None, state=CorrectionState.PENDING.value, reason="",
-                    received_at=now
+            res = c.execute(
+                _insert_if_absent(self.engine, corrections).values(
+                    sop_uid=sop_uid, series_uid=series_uid, job_id=None, state=CorrectionState.PENDING.value,
+                    reason="", received_at=now, not_before=0.0,
                 )
             )
-        return True
+        return res.rowcount == 1
+
+    def count_correction_failure(self, sop_uid: str) -> int:
+        """Count one failed refinement of a corrected SEG; returns its failures so far."""
+        with self._write_lock, self._tx() as c:
+            c.execute(corrections.update().where(corrections.c.sop_uid == sop_uid)
+                      .values(failures=corrections.c.failures + 1))
+            return int(c.execute(sa.select(corrections.c.failures).where(corrections.c.sop_uid == sop_uid)).scalar_one())
 
     def corrections(self, states: Sequence[CorrectionState] | None = None) -> list[Row]:
         """Corrected-SEG rows, oldest first."""
@@ -616,14 +697,32 @@ class Store:
             return [r._mapping for r in c.execute(q)]
 
     def set_correction(
-        self, sop_uid: str, state: CorrectionState, *, job_id: int | None = None, reason: str = ""
+        self,
+        sop_uid: str,
+        state: CorrectionState,
+        *,
+        job_id: int | None = None,
+        reason: str = "",
+        not_before: float | None = None,
     ) -> None:
-        """Update the state of a corrected SEG."""
-        values: dict[str, Any] = {"state": CorrectionState(state).value, "reason": reason}
+        """Update the state of a corrected SEG (``processing`` holds it for this node, others release it).
+
+        Like :meth:`set_job_state`, a SEG another node is processing is left alone.
+        """
+        state = CorrectionState(state)
+        values: dict[str, Any] = {"state": state.value, "reason": reason}
+        values.update(self._claim_values(state is CorrectionState.PROCESSING, time.time()))
         if job_id is not None:
             values["job_id"] = job_id
+        if not_before is not None:
+            values["not_before"] = not_before
         with self._write_lock, self._tx() as c:
-            c.execute(corrections.update().where(corrections.c.sop_uid == sop_uid).values(**values))
+            c.execute(
+                corrections.update()
+                .where(corrections.c.sop_uid == sop_uid,
+                       sa.or_(corrections.c.owner.is_(None), corrections.c.owner == self.node_id))
+                .values(**values)
+            )
 
     def instance_path(self, sop_uid: str) -> Path | None:
         """Spool path of a recorded instance."""
@@ -654,41 +753,136 @@ class Store:
             )
         return int(res.rowcount or 0)
 
-    def resume_unfinished(self, now: float | None = None) -> list[int]:
-        """After a crash or restart: requeue interrupted jobs and corrections.
+    # -- claims: several nodes on one database ------------------------------
+    def claim_job(self, now: float | None = None) -> Row | None:
+        """Claim the oldest queued job whose retry delay has passed; None when there is none.
 
-        Jobs caught in a working state go back to ``queued`` (their output UIDs are
-        fixed, so a re-run cannot produce a second, different object); corrections
-        caught in ``processing`` go back to ``pending``.
+        One atomic statement moves it to ``segmenting``, held by this node with a fresh
+        lease, and counts the attempt; two nodes never claim the same job.
         """
         now = time.time() if now is None else now
-        working = [JobState.SEGMENTING.value, JobState.SELECTING.value, JobState.EXPORTING.value]
+        pick = (
+            sa.select(jobs.c.id)
+            .where(jobs.c.state == JobState.QUEUED.value, jobs.c.not_before <= now)
+            .order_by(jobs.c.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        stmt = (
+            jobs.update()
+            .where(jobs.c.id == pick, jobs.c.state == JobState.QUEUED.value)
+            .values(state=JobState.SEGMENTING.value, reason="", updated_at=now, attempts=jobs.c.attempts + 1,
+                    **self._claim_values(True, now))
+            .returning(*jobs.c)
+        )
+        with self._write_lock, self._tx() as c:
+            row = c.execute(stmt).first()
+            if row is None:
+                return None
+            self._event(c, int(row.id), JobState.SEGMENTING.value, f"claimed (attempt {row.attempts})", now)
+        return row._mapping
+
+    def claim_for_refinement(self, job_id: int, reason: str, now: float | None = None) -> bool:
+        """Hold a job that awaits corrections (or is done) for a refinement; False if it is busy.
+
+        The job moves to ``refining`` only if no node holds it, so two corrected SEGs of
+        one job are never refined at once.
+        """
+        now = time.time() if now is None else now
+        with self._write_lock, self._tx() as c:
+            res = c.execute(
+                jobs.update()
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.owner.is_(None),
+                    jobs.c.state.in_([JobState.AWAITING_CORRECTION.value, JobState.DONE.value]),
+                )
+                .values(state=JobState.REFINING.value, reason=reason, updated_at=now, **self._claim_values(True, now))
+            )
+            if res.rowcount != 1:
+                return False
+            self._event(c, job_id, JobState.REFINING.value, reason, now)
+        return True
+
+    def claim_correction(self, now: float | None = None) -> Row | None:
+        """Claim the oldest pending corrected SEG (state ``processing``, held by this node)."""
+        now = time.time() if now is None else now
+        pick = (
+            sa.select(corrections.c.sop_uid)
+            .where(corrections.c.state == CorrectionState.PENDING.value, corrections.c.not_before <= now)
+            .order_by(corrections.c.received_at, corrections.c.sop_uid)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        stmt = (
+            corrections.update()
+            .where(corrections.c.sop_uid == pick, corrections.c.state == CorrectionState.PENDING.value)
+            .values(state=CorrectionState.PROCESSING.value, **self._claim_values(True, now))
+            .returning(*corrections.c)
+        )
+        with self._write_lock, self._tx() as c:
+            row = c.execute(stmt).first()
+        return None if row is None else row._mapping
+
+    def renew_leases(self, now: float | None = None) -> int:
+        """Extend the lease of all work this node holds; returns the number of rows renewed."""
+        now = time.time() if now is None else now
+        n = 0
+        with self._write_lock, self._tx() as c:
+            for table in (jobs, corrections, deliveries):
+                res = c.execute(
+                    table.update().where(table.c.owner == self.node_id).values(lease_until=now + self.lease_s)
+                )
+                n += int(res.rowcount or 0)
+        return n
+
+    def reap_expired(self, now: float | None = None) -> list[int]:
+        """Give back work whose lease ran out (its node died or hung); returns the job ids requeued.
+
+        A presegmentation job goes back to ``queued`` (its attempt stays counted), a
+        refinement back to where it was, with its corrected SEG pending again; deliveries
+        are released (they stay pending).  Any node may run this.
+        """
+        now = time.time() if now is None else now
+        expired = sa.and_(jobs.c.owner.is_not(None), jobs.c.lease_until < now)
+        return self._release(expired, now, "lease of node {owner} expired", corrections.c.lease_until < now,
+                             deliveries.c.lease_until < now)
+
+    def release_own(self, reason: str, now: float | None = None) -> list[int]:
+        """Give back all work this node holds (at start, for work of its previous run; at stop)."""
+        now = time.time() if now is None else now
+        mine = jobs.c.owner == self.node_id
+        return self._release(mine, now, reason, corrections.c.owner == self.node_id,
+                             deliveries.c.owner == self.node_id)
+
+    def _release(self, job_filter: Any, now: float, reason: str, corr_filter: Any, deliv_filter: Any) -> list[int]:
         ids: list[int] = []
         with self._write_lock, self._tx() as c:
-            for r in c.execute(sa.select(jobs.c.id, jobs.c.state).where(jobs.c.state.in_(working + [JobState.REFINING.value]))):
-                ids.append(int(r.id))
+            rows = c.execute(
+                sa.select(jobs.c.id, jobs.c.state, jobs.c.owner, jobs.c.lease_until, jobs.c.data).where(job_filter)
+            ).all()
+            for r in rows:
+                back = JobState.QUEUED
                 if r.state == JobState.REFINING.value:
-                    back = JobState.AWAITING_CORRECTION.value
-                    data = json.loads(c.execute(sa.select(jobs.c.data).where(jobs.c.id == r.id)).scalar_one())
-                    if data.get("refined_versions"):
-                        back = JobState.DONE.value
-                else:
-                    back = JobState.QUEUED.value
-                c.execute(jobs.update().where(jobs.c.id == r.id).values(state=back, updated_at=now, not_before=0.0))
-                c.execute(job_events.insert().values(job_id=r.id, state=back, reason="resumed after restart", at=now))
+                    back = JobState.DONE if json.loads(r.data).get("refined_versions") else JobState.AWAITING_CORRECTION
+                elif r.state not in _PRESEG_STATES:
+                    back = JobState(r.state)
+                res = c.execute(
+                    jobs.update()
+                    .where(jobs.c.id == r.id, jobs.c.owner == r.owner, jobs.c.lease_until == r.lease_until)
+                    .values(state=back.value, updated_at=now, not_before=0.0, **self._claim_values(False, now))
+                )
+                if res.rowcount == 1:  # not renewed in the meantime
+                    ids.append(int(r.id))
+                    self._event(c, int(r.id), back.value, reason.format(owner=r.owner), now)
             c.execute(
                 corrections.update()
-                .where(corrections.c.state == CorrectionState.PROCESSING.value)
-                .values(state=CorrectionState.PENDING.value)
+                .where(corr_filter, corrections.c.state == CorrectionState.PROCESSING.value)
+                .values(state=CorrectionState.PENDING.value, **self._claim_values(False, now))
             )
+            c.execute(deliveries.update().where(deliv_filter).values(**self._claim_values(False, now)))
+        if ids:
+            log.warning("requeued job(s) %s: %s", ids, reason.replace("{owner}", "another node"))
         return ids
-
-    def next_queued_job(self, now: float) -> Row | None:
-        """The oldest queued job whose retry delay has passed."""
-        with self.engine.connect() as c:
-            r = c.execute(
-                sa.select(jobs)
-                .where(jobs.c.state == JobState.QUEUED.value, jobs.c.not_before <= now)
-                .order_by(jobs.c.id)
-            ).first()
-        return None if r is None else r._mapping

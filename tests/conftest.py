@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.dicom_data",
     "tests.fixtures.node_fixtures",
+    "tests.fixtures.postgres",
 ]
 
 

@@ -81,7 +81,12 @@ def test_invalid_patient_values_neither_stop_the_job_nor_leak(
                               sop_uid=uids.new()) for _ in range(2)]
     for edit in edits:
         assert send_datasets([edit], ae_title="I3NODE", host="127.0.0.1", port=app.port, calling_ae="VIEWER").ok
-        app.runner.run_once()
+
+        def settled(sop: str = str(edit.SOPInstanceUID)) -> bool:
+            app.runner.run_once()  # a failed attempt is retried after the retry delay, in a later run
+            return any(r["sop_uid"] == sop and r["state"] == "failed" for r in app.store.corrections())
+
+        assert wait_until(settled, 20, interval=0.02)
     rows = {r["sop_uid"]: r for r in app.store.corrections()}
     for edit in edits:
         row = rows[str(edit.SOPInstanceUID)]
