@@ -257,6 +257,75 @@ def _close_quietly(app: Any) -> None:
             log.debug("cleanup after a failed start", exc_info=True)
 
 
+#: What TLS error messages of ``send`` / ``echo`` call the files (options, not settings keys).
+_TLS_OPTION_NAMES = {"tls.ca_file": "--ca-file", "tls.certificate": "--certificate", "tls.private_key": "--private-key"}
+
+
+def _client_tls(args: argparse.Namespace) -> Any:
+    """The client TLS context of ``send`` / ``echo`` (``None`` without ``--tls``).
+
+    Raises
+    ------
+    UsageError
+        TLS options without ``--tls``, ``--tls`` without ``--ca-file``, or a file that is
+        missing, unreadable or invalid (named by its option).
+    """
+    from node.tls import TlsConfigError, client_context
+
+    files = {"--ca-file": args.ca_file, "--certificate": args.certificate, "--private-key": args.private_key}
+    if not args.tls:
+        given = [opt for opt, value in files.items() if value]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --tls")
+        return None
+    if not args.ca_file:
+        raise UsageError("--tls needs --ca-file (PEM file of the CA that signed the peer's certificate)")
+    try:
+        ctx = client_context(args.ca_file, args.certificate, args.private_key, names=_TLS_OPTION_NAMES)
+    except TlsConfigError as exc:
+        raise UsageError(str(exc)) from None
+    # Its failures are explained by _tls_failure (one line); pynetdicom would log a traceback.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    return ctx
+
+
+def _tls_failure(host: str, port: int, ctx: Any, timeout: float = 10.0) -> str | None:
+    """Why a TLS connection to ``host:port`` fails, or ``None`` when it works.
+
+    Run after an association failed, to explain it: connects, completes the handshake and
+    waits up to a second for an alert (with TLS 1.3 a server refusing our certificate
+    says so after the client finished its side of the handshake).
+    """
+    import socket
+
+    from dicom.pynetdicom_compat import describe_tls_failure
+
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None  # not a TLS problem (refused, unreachable): the association error says so
+    try:
+        with raw, ctx.wrap_socket(raw, server_hostname=host) as tls:
+            tls.settimeout(1.0)
+            try:
+                if tls.recv(1) == b"":
+                    return (f"TLS connection to {host}:{port} closed by the peer right after the handshake "
+                            "(does it require a client certificate it trusts?)")
+            except TimeoutError:
+                pass  # the server waits for our A-ASSOCIATE-RQ: TLS is fine
+            return None
+    except (OSError, ValueError) as exc:
+        why = describe_tls_failure(exc)
+        if why.startswith("certificate verify failed"):
+            why += " (is --ca-file the CA that signed the peer's certificate?)"
+        elif why == "no client certificate":
+            why = "the peer requires a client certificate (--certificate and --private-key)"
+        elif why.startswith("the peer does not trust this node's certificate"):
+            why = "the peer does not trust our --certificate (unknown CA)"
+        return f"TLS handshake with {host}:{port} failed: {why}"
+    return None
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     """C-STORE files or folders to a peer."""
     from dicom.scu import AssociationFailed, send_paths
@@ -266,12 +335,15 @@ def cmd_send(args: argparse.Namespace) -> int:
     for p in paths:
         if not p.exists():
             raise UsageError(f"{p}: no such file or folder")
+    ctx = _client_tls(args)
     try:
         report = send_paths(
-            paths, ae_title=ae, host=host, port=port, calling_ae=args.calling_ae, progress=_Progress("sending")
+            paths, ae_title=ae, host=host, port=port, calling_ae=args.calling_ae, progress=_Progress("sending"),
+            ssl_context=ctx,
         )
     except AssociationFailed as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        tls_why = _tls_failure(host, port, ctx) if ctx is not None else None
+        sys.stderr.write(f"error: {tls_why or exc}\n")
         return 1
     sys.stdout.write(
         f"sent {len(report.results)} file(s) to {args.to}: {report.n_success} success, "
@@ -288,8 +360,12 @@ def cmd_echo(args: argparse.Namespace) -> int:
     from dicom.scu import echo
 
     ae, host, port = parse_peer(args.to)
-    ok = echo(ae, host, port, calling_ae=args.calling_ae)
+    ctx = _client_tls(args)
+    ok = echo(ae, host, port, calling_ae=args.calling_ae, ssl_context=ctx)
     sys.stdout.write(f"C-ECHO {args.to}: {'success' if ok else 'FAILED'}\n")
+    tls_why = _tls_failure(host, port, ctx) if ctx is not None and not ok else None
+    if tls_why:
+        sys.stderr.write(f"error: {tls_why}\n")
     return 0 if ok else 1
 
 
@@ -660,11 +736,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
     s.add_argument("--to", required=True, help="AE@HOST:PORT of the receiver")
     s.add_argument("--calling-ae", default="I3NODE_SEND", help="our AE title (default I3NODE_SEND)")
+    _add_tls_options(s)
     s.set_defaults(func=cmd_send)
 
     s = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     s.add_argument("--to", required=True, help="AE@HOST:PORT")
     s.add_argument("--calling-ae", default="I3NODE_SEND")
+    _add_tls_options(s)
     s.set_defaults(func=cmd_echo)
 
     s = sub.add_parser("status", help="studies, series and jobs")
@@ -699,6 +777,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
     return p
 
+
+
+def _add_tls_options(s: argparse.ArgumentParser) -> None:
+    """``--tls`` and its files (``send``, ``echo``)."""
+    g = s.add_argument_group("DICOM TLS (TLS 1.2 or later; the peer's certificate is verified)")
+    g.add_argument("--tls", action="store_true", help="connect with TLS")
+    g.add_argument("--ca-file", help="PEM CA bundle that signed the peer's certificate (required with --tls)")
+    g.add_argument("--certificate", help="our PEM client certificate, for peers that require one")
+    g.add_argument("--private-key", help="PEM private key of --certificate (unencrypted)")
 
 
 def _add_train_parsers(sub: Any) -> None:
