@@ -294,15 +294,20 @@ _Q_INSTANCE_INSERT = instances.insert().values(
 
 
 def _insert_if_absent(engine: Engine, table: sa.Table) -> Any:
-    """``INSERT ... ON CONFLICT DO NOTHING`` in the engine's dialect (PostgreSQL and SQLite)."""
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING <key>`` in the engine's dialect (PostgreSQL, SQLite).
+
+    A row comes back only when the insert happened (``rowcount`` is not reliable for
+    this statement with every driver).
+    """
+    key = list(table.primary_key.columns)
     if engine.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        return pg_insert(table).on_conflict_do_nothing()
+        return pg_insert(table).on_conflict_do_nothing().returning(*key)
     if engine.dialect.name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        return sqlite_insert(table).on_conflict_do_nothing()
+        return sqlite_insert(table).on_conflict_do_nothing().returning(*key)
     raise ValueError(f"storage.database_url: unsupported database {engine.dialect.name!r} (use sqlite or postgresql)")
 
 
@@ -405,7 +410,7 @@ class Store:
         # Study and series rows are inserted if absent (ON CONFLICT DO NOTHING), so two
         # receivers starting the same study at once both succeed.
         reopened = False
-        if c.execute(self._q_study_insert, {"study": rec.study_uid, "now": now}).rowcount != 1:
+        if c.execute(self._q_study_insert, {"study": rec.study_uid, "now": now}).first() is None:
             st = c.execute(_Q_STUDY_STATE, {"study": rec.study_uid}).first()
             reopened = st is not None and st.state == StudyState.STABLE.value
             c.execute(_Q_STUDY_RECEIVE, {"study": rec.study_uid, "now": now, "reopened": 1 if reopened else 0})
@@ -414,7 +419,7 @@ class Store:
             "sop_class": rec.sop_class_uid, "description": rec.series_description[:64],
             "number": rec.series_number, "now": now,
         }
-        if c.execute(self._q_series_insert, series_row).rowcount != 1:
+        if c.execute(self._q_series_insert, series_row).first() is None:
             owner = c.execute(_Q_SERIES_EXISTS, {"series": rec.series_uid}).first()
             if owner is not None and owner.study_uid != rec.study_uid:
                 raise InstanceConflict(f"Series Instance UID already used in study {owner.study_uid}")
@@ -673,13 +678,13 @@ class Store:
         """Record an inbound corrected SEG as pending; False if it was already known."""
         now = time.time() if now is None else now
         with self._write_lock, self._tx() as c:
-            res = c.execute(
+            inserted = c.execute(
                 _insert_if_absent(self.engine, corrections).values(
                     sop_uid=sop_uid, series_uid=series_uid, job_id=None, state=CorrectionState.PENDING.value,
                     reason="", received_at=now, not_before=0.0,
                 )
-            )
-        return res.rowcount == 1
+            ).first()
+        return inserted is not None
 
     def count_correction_failure(self, sop_uid: str) -> int:
         """Count one failed refinement of a corrected SEG; returns its failures so far."""

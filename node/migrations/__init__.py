@@ -97,6 +97,8 @@ def _adopt_legacy(c: Connection) -> None:
         if column not in {col["name"] for col in inspector.get_columns(table)}:
             c.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
             log.info("state database: added column %s.%s", table, column)
+    if "ix_instances_audited" not in {ix["name"] for ix in inspector.get_indexes("instances")}:
+        c.execute(sa.text("CREATE INDEX ix_instances_audited ON instances (audited)"))
     c.commit()
     command.stamp(alembic_config(c), "0001")
     c.commit()
