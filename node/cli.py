@@ -884,6 +884,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception:  # a bug: logged, so that in the journal the traceback is one entry
+        log.critical("i3node %s failed with an unexpected error", args.command, exc_info=True)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -142,11 +143,21 @@ def stderr_is_journal(environ: Mapping[str, str] | None = None) -> bool:
     return stream_is_journal(sys.stderr, environ)
 
 
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """:data:`threading.excepthook` of the journal format: the traceback as one entry."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+    log.critical("unhandled exception in thread %s", name, exc_info=exc_info)  # type: ignore[arg-type]
+
+
 def setup_logging(level: str | int = "INFO", stream: IO[Any] | None = None) -> logging.Handler:
     """Send the root logger to `stream` (stderr) in the terminal or the journal format.
 
     Replaces the root logger's handlers; third-party loggers (:data:`NOISY_LOGGERS`) are kept
-    at WARNING.
+    at WARNING. In the journal format an exception escaping a thread is logged (one entry,
+    priority crit) instead of printed over several lines.
 
     Parameters
     ----------
@@ -164,6 +175,7 @@ def setup_logging(level: str | int = "INFO", stream: IO[Any] | None = None) -> l
     handler = logging.StreamHandler(out)
     if stream_is_journal(out):
         handler.setFormatter(JournalFormatter())
+        threading.excepthook = _log_thread_exception
     else:
         handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
     numeric = level if isinstance(level, int) else logging.getLevelName(level.upper())

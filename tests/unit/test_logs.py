@@ -93,3 +93,32 @@ def test_setup_logging_picks_the_format(tmp_path: Path, monkeypatch: pytest.Monk
             root.handlers[:] = saved[1]
             root.setLevel(saved[0])
             logging.getLogger("pynetdicom").setLevel(saved[2])
+
+
+def test_thread_exception_is_one_journal_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), logging.getLogger("pynetdicom").level, threading.excepthook)
+    path = tmp_path / "err"
+    try:
+        with open(path, "w") as fh:
+            st = os.fstat(fh.fileno())
+            monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+            setup_logging("INFO", stream=fh)
+
+            def boom() -> None:
+                raise RuntimeError("worker broke")
+
+            t = threading.Thread(target=boom, name="worker-1")
+            t.start()
+            t.join()
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+        logging.getLogger("pynetdicom").setLevel(saved[2])
+        threading.excepthook = saved[3]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("<2>CRITICAL node.logs: unhandled exception in thread worker-1\\nTraceback")
+    assert lines[0].endswith("RuntimeError: worker broke")
