@@ -288,3 +288,11 @@ def test_tls_failures_are_explained(tls_node: Any, pki: Pki, ct_dir: Path) -> No
     res = i3node("echo", "--to", to, "--tls", "--ca-file", str(pki.ca / "nope"))
     assert res.returncode == 2 and "--ca-file: file" in res.stderr and "Traceback" not in res.stderr
     assert tls_node.store.count_instances() == 0
+
+
+def test_database_refusing_the_password_names_the_url_without_it(tmp_path: Path, pg_cluster: Any) -> None:
+    url = f"postgresql+psycopg://{pg_cluster.user}:{PASSWORD}@127.0.0.1:{pg_cluster.port}/postgres"
+    res = i3node("serve", "--config", str(_config(tmp_path, f'[dicom]\nport = 0\n[storage]\ndatabase_url = "{url}"\n')))
+    line = _assert_one_config_error(res, "storage.database_url")
+    assert f"{pg_cluster.user}:***@127.0.0.1:{pg_cluster.port}" in line
+    assert "password authentication failed" in line, line
