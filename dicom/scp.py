@@ -669,6 +669,16 @@ def _writer(head: bytes, fragments: Sequence[bytes | bytearray | memoryview]) ->
 
 
 
+def _shut(assoc: Any) -> None:
+    """Shut the socket of an association down (its reader wakes up and the association ends)."""
+    raw = pynetdicom_compat.raw_socket(assoc)
+    if raw is not None:
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class StoreSCP:
     """Storage (and Verification) SCP writing into the spool.
 
@@ -771,14 +781,13 @@ class StoreSCP:
             # A C-STORE being handled completes (and is acknowledged or not) first.
             assoc.abort()
         for assoc in active:
-            assoc.join(timeout=self.config.dimse_timeout)
-            if assoc.is_alive():  # blocked in a read: end it now rather than at its deadline
-                raw = pynetdicom_compat.raw_socket(assoc)
-                if raw is not None:
-                    try:
-                        raw.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+            if assoc.is_established:
+                assoc.join(timeout=self.config.dimse_timeout)
+            # Still alive: blocked in a read - of a peer that connected and never asked for an
+            # association (a port probe, a stalled peer), or mid-PDU. End it now rather than
+            # at its ACSE or network deadline.
+            if assoc.is_alive():
+                _shut(assoc)
                 assoc.join(timeout=5.0)
         # Clean up any temp file left by an association killed mid-write.
         spool.remove_temp_files(self._spool_dir)

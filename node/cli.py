@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import faulthandler
 import json
 import logging
 import re
@@ -238,6 +239,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): what a hung node is doing.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         with startup_errors(settings, lambda: app.scp.is_running):
             app.serve_forever()

@@ -113,6 +113,8 @@ def upgrade(engine: Engine) -> str:
     with engine.connect() as c:
         if current_revision(c) == HEAD:
             return HEAD
+    # Alembic reports every step at INFO; this module logs the one line that matters.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     with _upgrade_lock(engine) as c:
         before = current_revision(c)
         if before == HEAD:  # another node upgraded while this one waited for the lock
