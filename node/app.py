@@ -28,12 +28,12 @@ from node.pipeline import PipelineContext, Refiner, Segmenter
 from node.retention import purge_once
 from node.runner import JobRunner
 from node.scheduler import NodeScheduler
-from node.settings import Settings, SettingsError
+from node.settings import Settings, resolve_database_url
 from node.store import Store
 from node.studies import sweep_stable_studies
 from node.tls import client_context, server_context
 
-__all__ = ["App", "build_app", "allowed_callers_map", "database_url", "redacted_url"]
+__all__ = ["App", "build_app", "allowed_callers_map"]
 
 log = logging.getLogger(__name__)
 
@@ -191,46 +191,6 @@ class App:
                 os._exit(0)
 
 
-def database_url(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
-    """The state database URL with its password from ``storage.database_password_file`` or
-    ``I3NODE_DATABASE_PASSWORD`` (a password inside the URL is used as it is).
-
-    Raises
-    ------
-    SettingsError
-        When the password file cannot be read (naming the key).
-    """
-    import sqlalchemy as sa
-
-    env = os.environ if environ is None else environ
-    url = settings.database_url
-    password = None
-    f = settings.storage.database_password_file
-    if f:
-        try:
-            password = Path(f).read_text().strip("\r\n")
-        except OSError as exc:
-            raise SettingsError(f"storage.database_password_file: cannot read {f}: {exc.strerror}") from None
-    elif env.get("I3NODE_DATABASE_PASSWORD"):
-        password = env["I3NODE_DATABASE_PASSWORD"]
-    if password is None or url.startswith("sqlite"):
-        return url
-    parsed = sa.engine.make_url(url)
-    if parsed.password:
-        return url
-    return parsed.set(password=password).render_as_string(hide_password=False)
-
-
-def redacted_url(url: str) -> str:
-    """A database URL safe to show (password replaced by ``***``)."""
-    import sqlalchemy as sa
-
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # an unparsable URL is shown without anything after the scheme
-        return url.split("://", 1)[0] + "://(unparsable)"
-
-
 def model_tag(folder: Path) -> str:
     """A short version for SEG provenance: the dataset folder's name and a hash of the model files."""
     import hashlib
@@ -361,7 +321,7 @@ def scp_config_from(settings: Settings, ssl_context: ssl.SSLContext | None) -> S
 def build_app(settings: Settings) -> App:
     """Compose a node from its settings (the only place that does so)."""
     quiet_pydicom()
-    store = Store(database_url(settings), node_id=settings.node_id, lease_s=settings.node.lease_s)
+    store = Store(resolve_database_url(settings), node_id=settings.node_id, lease_s=settings.node.lease_s)
     scheduler = NodeScheduler()
     models = LazyModels(settings)
     d = settings.dicom

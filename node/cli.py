@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import errno
 import faulthandler
-import json
 import logging
 import re
 import signal
@@ -20,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from node.settings import Settings, SettingsError, load_settings
+from node.settings import Settings, SettingsError, load_settings, redacted_url, resolve_database_url
 
 __all__ = ["main", "parse_peer"]
 
@@ -90,17 +89,6 @@ def _settings(args: argparse.Namespace) -> Settings:
 _DRIVER_EXTRAS = {"postgresql": ("psycopg", "postgres")}
 
 
-def safe_database_url(url: str) -> str:
-    """`url` with its password replaced by ``***`` (for messages); unparsable URLs are elided."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        return "<unparsable URL>"
-
-
 def check_database_driver(url: str) -> None:
     """Check that SQLAlchemy knows the URL's dialect and its driver module is installed.
 
@@ -158,7 +146,7 @@ def _database_failure(url: str, exc: BaseException) -> SettingsError:
         password = None
     if password:
         what = what.replace(str(password), "***")
-    return SettingsError(f"storage.database_url: cannot use the database {safe_database_url(url)}: {what}")
+    return SettingsError(f"storage.database_url: cannot use the database {redacted_url(url)}: {what}")
 
 
 _BIND_ERRNOS = {errno.EADDRINUSE: "is already in use", errno.EADDRNOTAVAIL: "is not an address of this host",
@@ -208,7 +196,7 @@ def startup_errors(settings: Settings, scp_running: Any = None) -> Iterator[None
     try:
         yield
     except NoSuchModuleError:
-        raise SettingsError(f"storage.database_url: {safe_database_url(url)}: unknown database dialect") from None
+        raise SettingsError(f"storage.database_url: {redacted_url(url)}: unknown database dialect") from None
     except OperationalError as exc:
         if exc.statement is not None:  # failed while executing SQL, not while connecting: a bug
             raise
@@ -372,90 +360,53 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def _existing_store(settings: Settings) -> Any:
+    """The node's state store; a configuration error (exit 2) when there is none - nothing is created."""
+    from node.store import Store, StoreMissing
 
-
-def _ts(t: float | None) -> str:
-    return "" if not t else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-
-
-def status_snapshot(settings: Settings) -> dict[str, Any]:
-    """Studies, series, jobs and deliveries as plain data (no patient attributes)."""
-    from node.store import Store, deliveries
-
-    store = Store(settings.database_url)
     try:
-        snap = {
-            "node": settings.node_id,
-            "database": settings.database_url,
-            "studies": [dict(r) for r in store.studies()],
-            "series": [dict(r) for r in store.series_rows()],
-            "jobs": [dict(r) for r in store.jobs()],
-            "job_counts": store.job_counts(),
-            "deliveries": [dict(r) for r in store.iter_rows(deliveries)],
-        }
-    finally:
-        store.close()
-    return snap
+        return Store(resolve_database_url(settings), node_id=settings.node_id, create=False)
+    except StoreMissing as exc:
+        key = "storage.database_url" if settings.storage.database_url else "node.state_dir"
+        raise SettingsError(f"{key}: {exc} (is this the node's configuration?)") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Show studies, series and jobs."""
-    snap = status_snapshot(_settings(args))
-    if args.json:
-        sys.stdout.write(json.dumps(snap, indent=2, default=str) + "\n")
-        return 0
-    sys.stdout.write(render_status(snap) + "\n")
+    """Show studies, series, jobs, corrected SEGs and undelivered outputs (newest first, bounded)."""
+    from node.status import render_status, status_json, status_snapshot
+    from node.store import JobState
+
+    settings = _settings(args)
+    for state in args.state or ():
+        if state not in {s.value for s in JobState}:
+            raise UsageError(f"--state {state}: not a job state ({', '.join(s.value for s in JobState)})")
+    store = _existing_store(settings)
+    try:
+        snap = status_snapshot(store, node=settings.node_id, database=redacted_url(settings.database_url),
+                               limit=args.limit, job_states=tuple(args.state or ()), study_uid=args.study)
+    finally:
+        store.close()
+    sys.stdout.write((status_json(snap) if args.json else render_status(snap)) + "\n")
     return 0
-
-
-def render_status(snap: dict[str, Any]) -> str:
-    """The ``i3node status`` tables for a :func:`status_snapshot`."""
-    out = [f"node {snap['node']}  database {snap['database']}", ""]
-    out.append(f"Studies ({len(snap['studies'])})")
-    out.append(
-        _table(
-            [(s["study_uid"], s["state"], s["n_instances"], _ts(s["last_received_at"])) for s in snap["studies"]],
-            ("study", "state", "instances", "last received"),
-        )
-    )
-    out += ["", f"Series ({len(snap['series'])})"]
-    out.append(
-        _table(
-            [(s["series_uid"], s["modality"], s["series_number"], s["n_instances"], s["description"]) for s in snap["series"]],
-            ("series", "modality", "number", "instances", "description"),
-        )
-    )
-    out += ["", f"Jobs ({len(snap['jobs'])})"]
-    out.append(
-        _table(
-            [(j["id"], j["series_uid"], j["state"], j["version"], j["attempts"], _ts(j["updated_at"]), j["reason"]) for j in snap["jobs"]],
-            ("job", "series", "state", "version", "attempts", "updated", "reason"),
-        )
-    )
-    if snap["deliveries"]:
-        out += ["", f"Deliveries ({len(snap['deliveries'])})"]
-        out.append(
-            _table(
-                [(d["output_uid"], d["destination"], d["state"], d["attempts"], d["last_error"]) for d in snap["deliveries"]],
-                ("output", "destination", "state", "attempts", "last error"),
-            )
-        )
-    return "\n".join(out)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     """Bring a job's dead-lettered deliveries (or a failed job) back to pending."""
     from node.exporter import retry_dead
-    from node.store import JobState, Store
+    from node.store import JobState
 
     settings = _settings(args)
-    store = Store(settings.database_url)
+    store = _existing_store(settings)
     try:
         job = store.job(args.job)
         if job is None:
@@ -478,11 +429,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     """Purge old spooled inputs and delivered outputs per [retention] (never undelivered ones)."""
     from node.retention import dry_run, execute_purge, plan_purge
-    from node.store import Store
 
     settings = _settings(args)
     r = settings.retention
-    store = Store(settings.database_url)
+    store = _existing_store(settings)
     try:
         plan = plan_purge(store, time.time(), r.spool_days, r.outputs_days)
         sys.stdout.write(dry_run(plan) + "\n")
@@ -750,7 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="studies, series and jobs")
     s.add_argument("--config")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--json", action="store_true", help="one JSON document (ISO 8601 times, UTC)")
+    s.add_argument("--limit", type=_positive_int, default=50, help="at most this many rows of each kind (default 50)")
+    s.add_argument("--state", action="append", metavar="STATE", help="only jobs in this state (repeatable)")
+    s.add_argument("--study", metavar="UID", help="only this study")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("retry", help="retry a job's dead-lettered deliveries, or a failed job")
@@ -856,7 +809,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = run_demo(Path(args.workdir), size=args.size, keep=args.keep, progress=_text_progress)
     if report.settings is not None:
         # What `i3node status` shows for the demo node's state (studies, series, jobs).
-        status = render_status(status_snapshot(report.settings))
+        from node.status import render_status, snapshot_of
+
+        status = render_status(snapshot_of(report.settings))
         sys.stdout.write("\n$ i3node status\n" + status + "\n")
     sys.stdout.write(report.render() + "\n")
     return 0 if report.ok else 1

@@ -40,6 +40,8 @@ __all__ = [
     "load_settings",
     "settings_from_mapping",
     "default_settings",
+    "resolve_database_url",
+    "redacted_url",
 ]
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
@@ -478,6 +480,48 @@ def load_settings(path: Path | str | None) -> Settings:
 def default_settings(**overrides: Any) -> Settings:
     """Embedded defaults (loopback, SQLite under ./var), optionally with section overrides."""
     return settings_from_mapping(overrides)
+
+
+def resolve_database_url(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
+    """The state database URL with its password from ``storage.database_password_file`` or
+    ``I3NODE_DATABASE_PASSWORD`` (a password inside the URL is used as it is).
+
+    Raises
+    ------
+    SettingsError
+        When the password file cannot be read (naming the key).
+    """
+    import os
+
+    import sqlalchemy as sa
+
+    env = os.environ if environ is None else environ
+    url = settings.database_url
+    password = None
+    f = settings.storage.database_password_file
+    if f:
+        try:
+            password = Path(f).read_text().strip("\r\n")
+        except OSError as exc:
+            raise SettingsError(f"storage.database_password_file: cannot read {f}: {exc.strerror}") from None
+    elif env.get("I3NODE_DATABASE_PASSWORD"):
+        password = env["I3NODE_DATABASE_PASSWORD"]
+    if password is None or url.startswith("sqlite"):
+        return url
+    parsed = sa.engine.make_url(url)
+    if parsed.password:
+        return url
+    return parsed.set(password=password).render_as_string(hide_password=False)
+
+
+def redacted_url(url: str) -> str:
+    """A database URL safe to show (password replaced by ``***``)."""
+    import sqlalchemy as sa
+
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL is shown without anything after the scheme
+        return url.split("://", 1)[0] + "://(unparsable)"
 
 
 def iter_keys(cls: type = Settings, prefix: str = "") -> typing.Iterator[tuple[str, str, Any, str]]:

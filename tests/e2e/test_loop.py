@@ -9,11 +9,9 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from node.demo import (
     write_synthetic_study,
 )
 from node.store import JobState
-from tests.fixtures.node_fixtures import dcmtk_env, storescu, wait_until
+from tests.fixtures.node_fixtures import dcmtk_env, free_port, storescu, wait_for, wait_listening
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk, pytest.mark.dciodvfy]
 
@@ -46,33 +44,6 @@ KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 # already finds the lesion, so the gain is small; the quality margins themselves are asserted on
 # 8 held-out phantoms in tests/integration/test_refinement.py.
 MIN_DICE_GAIN = 0.005
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.25) -> None:
-    if not wait_until(pred, timeout, interval):
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-@pytest.fixture
-def viewer(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """DCMTK storescp playing the viewer/PACS that receives the node's outputs."""
-    out = tmp_path / "viewer"
-    out.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(
-        ["storescp", "-aet", "VIEWER", "-od", str(out), "+uf", "--fork", str(port)],
-        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    time.sleep(0.5)
-    yield port, out
-    proc.kill()
-    proc.wait()
 
 
 def received(out: Path) -> dict[str, list[pydicom.Dataset]]:
@@ -244,14 +215,6 @@ def _serve(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)], stdout=fh, stderr=fh, env=env)
 
 
-def _wait_listening(port: int, timeout: float = 60) -> None:
-    def up() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_for(up, timeout, f"the node listening on {port}")
-
-
 def _db(tmp_path: Path) -> Any:
     from node.store import Store
 
@@ -266,7 +229,7 @@ def test_kill_9_and_resume(tmp_path: Path, viewer, demo_models, kill_in: str) ->
     log = tmp_path / "node.log"
     proc = _serve(cfg, log)
     try:
-        _wait_listening(port)
+        wait_listening(port)
         paths, _ = write_synthetic_study(tmp_path / "study", seed=33, shape=(40, 64, 64))
         if kill_in == "receiving":
             sender = subprocess.Popen(
@@ -286,7 +249,7 @@ def test_kill_9_and_resume(tmp_path: Path, viewer, demo_models, kill_in: str) ->
             assert not list((tmp_path / "state" / "spool").rglob("*.tmp")) or True
             store.close()
             proc = _serve(cfg, log)
-            _wait_listening(port)
+            wait_listening(port)
             assert storescu(paths, port, calling_ae="PACS").returncode == 0
         else:
             assert storescu(paths, port, calling_ae="PACS").returncode == 0

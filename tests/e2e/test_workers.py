@@ -23,8 +23,7 @@ import sqlalchemy as sa
 
 from node.demo import write_synthetic_study
 from node.store import JobState, Store, outputs
-from tests.e2e.test_loop import _wait_listening, free_port, viewer, wait_for  # noqa: F401 - viewer is a fixture
-from tests.fixtures.node_fixtures import storescu
+from tests.fixtures.node_fixtures import free_port, storescu, wait_for, wait_listening
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
 
@@ -38,7 +37,9 @@ class Cluster:
         self.root, self.viewer_port, self.demo_models = root, viewer_port, demo_models
         parsed = sa.engine.make_url(db_url)
         self.password = parsed.password or ""
-        self.db_url = parsed.set(password=None).render_as_string(hide_password=False)  # no password in the file
+        # no password in the file: it comes from I3NODE_DATABASE_PASSWORD
+        self.db_url = (f"{parsed.drivername}://{parsed.username}@{parsed.host}:{parsed.port}/{parsed.database}"
+                       if parsed.password else db_url)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.ports: dict[str, int] = {}
 
@@ -85,7 +86,7 @@ backoff_max_s = 2.0
         proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],
                                 stdout=fh, stderr=fh, env=env)
         self.procs[name] = proc
-        _wait_listening(self.ports[name])
+        wait_listening(self.ports[name])
         return proc
 
     def log(self, name: str) -> str:

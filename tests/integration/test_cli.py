@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -50,9 +51,14 @@ def test_make_study_send_status_and_purge_dry_run(node_factory, tmp_path: Path) 
     res = i3node("status", "--config", str(cfg), "--json")
     assert res.returncode == 0, res.stderr
     snap = json.loads(res.stdout)
-    assert snap["studies"][0]["n_instances"] == 16 and snap["job_counts"] == {"queued": 1}
+    assert snap["studies"][0]["n_instances"] == 16 and snap["counts"]["jobs"] == {"queued": 1}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", snap["studies"][0]["last_received_at"])
+    assert isinstance(snap["jobs"][0]["data"], dict), "one JSON document, no JSON inside strings"
     text = i3node("status", "--config", str(cfg)).stdout
-    assert "Studies (1)" in text and "queued" in text
+    assert "Studies (1 of 1)" in text and "queued" in text
+    filtered = json.loads(i3node("status", "--config", str(cfg), "--json", "--state", "failed").stdout)
+    assert filtered["jobs"] == [] and filtered["studies"] == [] and filtered["counts"]["jobs"] == {"queued": 1}
+    assert i3node("status", "--config", str(cfg), "--state", "nonsense").returncode == 2
     for forbidden in ("Phantom", "I3N-0003", "19700101"):
         assert forbidden not in res.stdout + text, "status must not show patient attributes"
     res = i3node("purge", "--config", str(cfg), "--dry-run")
@@ -61,10 +67,43 @@ def test_make_study_send_status_and_purge_dry_run(node_factory, tmp_path: Path) 
 
 
 def test_retry_unknown_job(tmp_path: Path) -> None:
+    from node.store import Store
+
+    Store(f"sqlite:///{tmp_path / 'i3node.db'}").close()
     cfg = tmp_path / "node.toml"
     cfg.write_text(f'[node]\nstate_dir = "{tmp_path}"\n')
     res = i3node("retry", "42", "--config", str(cfg))
     assert res.returncode == 2 and "job 42 does not exist" in res.stderr
+
+
+@pytest.mark.parametrize("command", [("status",), ("status", "--json"), ("retry", "1"), ("purge", "--dry-run")])
+def test_mistyped_state_dir_is_an_error_and_creates_nothing(tmp_path: Path, command: tuple[str, ...]) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\nstate_dir = "{tmp_path / "typo"}"\n')
+    res = i3node(*command, "--config", str(cfg))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "node.state_dir: no state database" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "typo").exists()
+
+
+def test_status_of_a_postgresql_node_never_shows_the_password(tmp_path: Path, pg_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    from node.store import Store
+
+    Store(pg_url).close()
+    url = make_url(pg_url)
+    pwfile = tmp_path / "db-password"
+    pwfile.write_text(f"{url.password}\n")
+    cfg = tmp_path / "node.toml"
+    bare = f"{url.drivername}://{url.username}@{url.host}:{url.port}/{url.database}"
+    cfg.write_text(f'[storage]\ndatabase_url = "{bare}"\ndatabase_password_file = "{pwfile}"\n')
+    res = i3node("status", "--config", str(cfg), "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["database"] == bare and str(url.password) not in res.stdout + res.stderr
+    cfg.write_text(f'[storage]\ndatabase_url = "{pg_url}"\n')  # a password inside the URL is hidden too
+    res = i3node("status", "--config", str(cfg))
+    assert res.returncode == 0 and str(url.password) not in res.stdout and "***" in res.stdout
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")

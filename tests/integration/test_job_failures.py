@@ -43,7 +43,7 @@ def _study(tmp_path: Path) -> tuple[list[Path], list[pydicom.Dataset], np.ndarra
 def test_invalid_patient_values_neither_stop_the_job_nor_leak(
     node_factory: Any, demo_models: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: Any
 ) -> None:
-    from node.cli import render_status, status_snapshot
+    from node.status import render_status, snapshot_of
 
     caplog.set_level(logging.DEBUG)
     app = node_factory(
@@ -95,7 +95,7 @@ def test_invalid_patient_values_neither_stop_the_job_nor_leak(
         assert "RuntimeError at" in row["reason"] and "message withheld" in row["reason"]
 
     # ... the value never: not in logs, job reasons, corrections, events or status
-    snapshot = status_snapshot(app.settings)
+    snapshot = snapshot_of(app.settings)
     texts = [caplog.text, render_status(snapshot), str(snapshot)]
     texts += [str(dict(r)) for r in app.store.jobs()] + [str(dict(r)) for r in app.store.corrections()]
     texts += [str(dict(r)) for r in app.store.job_events(int(job["id"]))]
