@@ -58,6 +58,8 @@ kind}``                                        has already initialised CUDA
 ``i3node_queue_deliveries{state}``  gauge      **cluster-wide**: deliveries per state
                                                (``pending``, ``delivered``, ``dead``) in the
                                                shared database (``max()``, not ``sum()``)
+``i3node_jobs_held{state}``         gauge      jobs this node has claimed and runs, per state
+                                               (``sum()`` over nodes is meaningful)
 ==================================  =========  ================================================
 
 Every state is exported, also with a count of 0, so dashboards always see the series.
@@ -90,7 +92,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.engine import Engine
 
 from node import __version__
-from node.store import DeliveryState, JobState, deliveries, jobs
+from node.store import CLAIMED_STATES, DeliveryState, JobState, deliveries, jobs
 
 __all__ = [
     "Metrics",
@@ -129,6 +131,18 @@ class _StateStore(Protocol):
     def engine(self) -> Engine: ...
 
     def job_counts(self) -> dict[str, int]: ...
+
+    @property
+    def node_id(self) -> str: ...
+
+
+def held_job_counts(engine: Engine, node_id: str) -> dict[str, int]:
+    """Number of jobs this node holds (claimed, lease running) per state; read-only."""
+    with engine.connect() as c:
+        rows = c.execute(
+            sa.select(jobs.c.state, sa.func.count()).where(jobs.c.owner == node_id).group_by(jobs.c.state)
+        ).all()
+    return {str(r[0]): int(r[1]) for r in rows}
 
 
 def delivery_counts(engine: Engine) -> dict[str, int]:
@@ -205,6 +219,7 @@ class _StateCollector(Collector):
         try:
             job_counts = self._store.job_counts()
             delivery = delivery_counts(self._store.engine)
+            held = held_job_counts(self._store.engine, self._store.node_id)
         except Exception as exc:  # a broken DB must not break the scrape of everything else
             log.warning("metrics: queue counts unavailable (%s)", type(exc).__name__)
             up = 0.0
@@ -223,6 +238,14 @@ class _StateCollector(Collector):
             )
             for state in sorted(set(DELIVERY_STATES) | set(delivery)):
                 g.add_metric([state], float(delivery.get(state, 0)))
+            yield g
+            g = GaugeMetricFamily(
+                _name("jobs_held"),
+                "Jobs this node holds (claimed and running here), per state; sum() over nodes is meaningful.",
+                labels=["state"],
+            )
+            for state in sorted(s.value for s in CLAIMED_STATES):
+                g.add_metric([state], float(held.get(state, 0)))
             yield g
         yield GaugeMetricFamily(
             _name("state_database_up"),

@@ -140,8 +140,9 @@ def test_queue_gauges_are_cluster_wide(tmp_path: Path) -> None:
     """Two nodes on one database report the same queue (max(), not sum()) and their own counters."""
     db = tmp_path / "shared.db"
     store_a, ids = _store_with_jobs(db)
-    store_b = Store(f"sqlite:///{db}")
+    store_b = Store(f"sqlite:///{db}", node_id="node-b")
     _add_deliveries(store_a, ids[2], tmp_path)
+    assert store_b.claim_job() is not None  # node-b now runs one job
     a, b = Metrics(store_a, node_id="node-a"), Metrics(store_b, node_id="node-b")
     a.instance_received(5)
     try:
@@ -156,6 +157,8 @@ def test_queue_gauges_are_cluster_wide(tmp_path: Path) -> None:
     assert ma[("i3node_instances_received_total", ())] == 5.0
     assert mb[("i3node_instances_received_total", ())] == 0.0
     assert ("i3node_node_info", (("node", "node-b"), ("version", __version__))) in mb
+    held = ("i3node_jobs_held", (("state", "segmenting"),))
+    assert mb[held] == 1.0 and ma[held] == 0.0  # per node: sum() over nodes is meaningful
 
 
 def test_healthz_ok_then_503_when_the_database_is_gone(tmp_path: Path) -> None:

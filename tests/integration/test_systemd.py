@@ -99,6 +99,7 @@ def test_unit_core_settings() -> None:
     assert _last(s, "WatchdogSec") == "60"
     assert _last(s, "ExecStart") == EXEC_START
     assert _last(s, "Restart") == "on-failure"
+    assert _last(s, "RestartPreventExitStatus") == "2"  # a configuration error is not restarted
     assert _last(s, "User") == "i3node" and _last(s, "Group") == "i3node"
     assert _last(s, "DynamicUser") in (None, "no")
     for key in ("StateDirectory", "LogsDirectory", "ConfigurationDirectory"):
