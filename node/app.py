@@ -219,6 +219,7 @@ class LazyModels:
         self._lock = threading.RLock()
         self._segmenter: Any = None
         self._refiner: Refiner | None = None
+        self._preseg_version: str | None = None
 
     def _dirs(self) -> tuple[Path, Path | None]:
         m = self._settings.models
@@ -233,6 +234,13 @@ class LazyModels:
     def _device(self) -> str | None:
         d = self._settings.models.device
         return None if d == "auto" else d
+
+    def preseg_version(self) -> str:
+        """Version of the presegmentation ensemble (folder name and a hash of its files), for SEG provenance."""
+        with self._lock:
+            if self._preseg_version is None:
+                self._preseg_version = model_tag(self._dirs()[0])
+            return self._preseg_version
 
     def segmenter(self) -> Segmenter:
         """The presegmentation ensemble."""
@@ -353,6 +361,7 @@ def build_app(settings: Settings) -> App:
         segments=load_segments(settings),
         segmenter=models.segmenter,
         refiner=models.refiner,
+        model_version=models.preseg_version,
         register_outputs=outputs_ready,
         stage_timer=metrics.observe_stage if metrics is not None else (lambda stage, secs: None),
         on_correction=correction_matched,

@@ -108,7 +108,8 @@ class PipelineContext:
     segmenter: Callable[[], Segmenter]
     refiner: Callable[[], Refiner]
     register_outputs: Callable[[int, int, Sequence[OutputFile]], None]
-    model_version: str = "1"
+    #: Version of the presegmentation model (written into every SEG it makes); read at the first export.
+    model_version: Callable[[], str] = field(default=lambda: "1")
     stage_timer: Callable[[str, float], None] = field(default=lambda stage, secs: None)
     on_correction: Callable[[str, int], None] = field(default=lambda sop_uid, job_id: None)
 
@@ -406,7 +407,7 @@ def _write_seg(
     path = outdir / f"{uids['seg_sop']}.dcm"
     if path.exists():
         return path, pydicom.dcmread(path)
-    name, model_version = s.models.model_id, ctx.model_version
+    name, model_version = s.models.model_id, ctx.model_version()
     if refiner is not None:
         name, model_version = f"{s.models.model_id} refined by {refiner.name}", refiner.version
     seg = build_segmentation(
