@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from node.store import JobState, Store, jobs  # noqa: E402
+from node.store import JobState, Store, job_events, jobs  # noqa: E402
 from tests.fixtures.postgres import start_cluster  # noqa: E402
 
 LOGGER = logging.getLogger("benchmarks.claims")
@@ -67,6 +67,7 @@ def _queue(url: str, n: int) -> None:
     rows = [dict(study_uid=f"1.2.{i}", series_uid=f"1.2.{i}.1", state=JobState.QUEUED.value, reason="",
                  attempts=0, version=1, data="{}", created_at=now, updated_at=now, not_before=0.0) for i in range(n)]
     with store.engine.begin() as c:
+        c.execute(sa.delete(job_events))
         c.execute(sa.delete(jobs))
         c.execute(jobs.insert(), rows)
     store.close()

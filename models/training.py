@@ -227,6 +227,9 @@ def write_raw_dataset(
     labels_map: Mapping[str, int],
     *,
     case_prefix: str = "case",
+    case_ids: Sequence[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    folder: Path | None = None,
 ) -> Path:
     """Write an nnU-Net v2 raw dataset (NIfTI via SimpleITK) and its ``dataset.json``.
 
@@ -248,7 +251,15 @@ def write_raw_dataset(
         ``{0: "CT", 1: "noNorm", ...}``; keys 0..c-1. The name selects nnU-Net's
         normalization (``CT``, ``noNorm``, ``rescale_to_0_1``, anything else: z-score).
     labels_map
-        ``{"background": 0, "organ": 1, ...}``; must contain ``background: 0``.
+        ``{"background": 0, "organ": 1, ...}``; must contain ``background: 0``. An
+        ``"ignore"`` entry (the highest value) marks unannotated voxels: nnU-Net leaves them
+        out of the loss.
+    case_prefix, case_ids
+        Cases are named ``<case_prefix>_0000`` ... unless ``case_ids`` names each one.
+    extra
+        More keys for ``dataset.json`` (e.g. provenance).
+    folder
+        Write exactly here instead of ``raw_root/DatasetXXX_name``.
 
     Returns
     -------
@@ -259,7 +270,9 @@ def write_raw_dataset(
 
     import SimpleITK as sitk
 
-    ds_dir = Path(raw_root) / dataset_name(dataset_id, name)
+    ds_dir = Path(folder) if folder is not None else Path(raw_root) / dataset_name(dataset_id, name)
+    if case_ids is not None and (len(case_ids) != len(images) or len(set(case_ids)) != len(case_ids)):
+        raise ValueError(f"case_ids: expected {len(images)} distinct names, got {len(case_ids)}")
     if len(images) != len(labels):
         raise ValueError(f"labels: expected {len(images)} arrays (one per image), got {len(labels)}")
     if len(images) == 0:
@@ -296,7 +309,7 @@ def write_raw_dataset(
             raise ValueError(f"labels[{i}]: shape {lab.shape} differs from image shape {img.shape[1:]}")
         if len(sp) != 3 or min(sp) <= 0:
             raise ValueError(f"spacings[{i}]: expected three positive numbers, got {sp}")
-        case = f"{case_prefix}_{i:04d}"
+        case = case_ids[i] if case_ids is not None else f"{case_prefix}_{i:04d}"
         for c in range(img.shape[0]):
             im = sitk.GetImageFromArray(np.ascontiguousarray(img[c], dtype=np.float32))
             im.SetSpacing(tuple(reversed(sp)))
@@ -310,6 +323,7 @@ def write_raw_dataset(
         "numTraining": len(images),
         "file_ending": ".nii.gz",
         "name": name,
+        **dict(extra or {}),
     }
     (ds_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     return ds_dir
@@ -859,6 +873,7 @@ def train_presegmentation(
     keep_intermediate: bool = False,
     num_processes: int = 2,
     progress: ProgressCallback | None = None,
+    ignore_label: bool = False,
 ) -> Path:
     """Train a presegmentation ensemble (one nnU-Net fold per member) from labelled volumes.
 
@@ -894,6 +909,10 @@ def train_presegmentation(
         Workers for fingerprinting and preprocessing.
     progress
         Receives :class:`ProgressEvent` objects.
+    ignore_label
+        The labels hold a further value, ``len(class_names)``, for voxels nobody annotated
+        (sparse labels, e.g. an expert's corrected planes): nnU-Net's ``ignore`` label, left
+        out of the loss.
 
     Returns
     -------
@@ -911,6 +930,8 @@ def train_presegmentation(
         raise ValueError(f"cases: {n_splits} folds need at least {max(2, n_splits)} cases, got {len(cases)}")
     raw, pre, res = out_dir / "nnUNet_raw", out_dir / "nnUNet_preprocessed", out_dir / "nnUNet_results"
     labels_map = {("background" if i == 0 else str(n)): i for i, n in enumerate(class_names)}
+    if ignore_label:
+        labels_map["ignore"] = len(class_names)
     t0 = time.perf_counter()
     write_raw_dataset(raw, dataset_id, name, [c.image for c in cases], [c.labels for c in cases],
                       [tuple(c.spacing) for c in cases], dict(enumerate(channel_names)), labels_map)

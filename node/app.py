@@ -192,8 +192,12 @@ class App:
 
 
 def model_tag(folder: Path) -> str:
-    """A short version for SEG provenance: the dataset folder's name and a hash of the model files."""
+    """A short version for SEG provenance: the model's version (``i3node train preseg --from``) or its
+    dataset folder's name, and a hash of the model files."""
     import hashlib
+    import json
+
+    from node.dataset import MODEL_INFO
 
     h = hashlib.sha256()
     for name in ("dataset.json", "plans.json"):
@@ -202,7 +206,11 @@ def model_tag(folder: Path) -> str:
             h.update(f.read_bytes())
     for ckpt in sorted(folder.glob("fold_*/checkpoint_final.pth")):
         h.update(f"{ckpt.parent.name}:{ckpt.stat().st_size}".encode())
-    return f"{folder.parent.name[:40]}-{h.hexdigest()[:10]}"
+    name = folder.parent.name
+    info = folder / MODEL_INFO
+    if info.is_file():
+        name = str(json.loads(info.read_text()).get("version", name))
+    return f"{name[:40]}-{h.hexdigest()[:10]}"
 
 
 class LazyModels:

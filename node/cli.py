@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import errno
 import faulthandler
 import logging
@@ -497,9 +498,61 @@ def load_nifti_cases(images: Path, labels: Path) -> list[Any]:
     return cases
 
 
+def cmd_dataset_export(args: argparse.Namespace) -> int:
+    """Write an nnU-Net raw dataset of the node's corrected studies (sparse labels, ``ignore`` elsewhere)."""
+    from node.app import load_segments
+    from node.dataset import ExportError, export_corrections
+
+    settings = _settings(args)
+    setup_logging(settings.node.log_level)
+    since = None
+    if args.since:
+        try:
+            since = dt.datetime.fromisoformat(args.since).replace(tzinfo=dt.UTC).timestamp()
+        except ValueError:
+            raise UsageError(f"--since {args.since!r}: expected a date like 2026-11-01 (UTC)") from None
+    store = _existing_store(settings)
+    classes = ["background", *[s.label for s in sorted(load_segments(settings), key=lambda s: s.label_value)]]
+    try:
+        report = export_corrections(store, settings.outputs_dir, classes, Path(args.out), since=since,
+                                    progress=_text_progress)
+    except ExportError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    finally:
+        store.close()
+    sys.stdout.write(f"{report.cases} corrected stud{'y' if report.cases == 1 else 'ies'} exported to {report.folder} "
+                     f"({100 * report.annotated_fraction:.1f} % of voxels annotated, the rest 'ignore')\n")
+    for why in report.skipped:
+        sys.stdout.write(f"  left out: {why}\n")
+    return 0
+
+
+def _train_from(args: argparse.Namespace) -> int:
+    """``i3node train preseg --from DIR ...``: a new, versioned ensemble from exported corrections."""
+    from node.dataset import ExportError, train_from_exports
+
+    t0 = time.monotonic()
+    try:
+        out = train_from_exports([Path(f) for f in args.from_], Path(args.out), folds=args.folds, epochs=args.epochs,
+                                 iterations_per_epoch=args.iterations, progress=_text_progress)
+    except ExportError as exc:
+        raise UsageError(f"--from: {exc}") from None
+    sys.stdout.write(f"trained in {time.monotonic() - t0:.0f} s; new presegmentation model: {out}\n"
+                     f"The node keeps its current model: to use this one, set [models] preseg_dir = \"{out}\" "
+                     "and restart the service.\n")
+    return 0
+
+
 def cmd_train_model(args: argparse.Namespace) -> int:
     """Train a presegmentation ensemble or a refinement model on NIfTI volumes."""
     setup_logging("INFO")
+    if getattr(args, "from_", None):
+        if args.images or args.labels:
+            raise UsageError("--from and --images/--labels exclude each other")
+        return _train_from(args)
+    if not (args.images and args.labels):
+        raise UsageError("--images and --labels are needed (or --from DIR for exported corrections)")
     cases = load_nifti_cases(Path(args.images), Path(args.labels))
     classes = tuple(args.classes.split(","))
     if len(classes) < 2 or classes[0] != "background":
@@ -724,6 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_make_study)
 
     _add_train_parsers(sub)
+    _add_dataset_parser(sub)
     _add_evaluate_parser(sub)
 
     s = sub.add_parser("demo", help="the whole i3Deep loop on loopback with tiny models")
@@ -756,14 +810,17 @@ def _add_train_parsers(sub: Any) -> None:
     for what, helptext in (("preseg", "presegmentation ensemble (one nnU-Net fold per member)"),
                            ("refine", "refinement model fed with simulated corrections")):
         t = tsub.add_parser(what, help=f"{helptext} from NIfTI images and labels")
-        t.add_argument("--images", required=True, help="folder of images (.nii/.nii.gz)")
-        t.add_argument("--labels", required=True, help="folder of label maps with the same file names")
-        t.add_argument("--out", required=True, help="work folder (gets nnUNet_raw/_preprocessed/_results)")
+        t.add_argument("--images", help="folder of images (.nii/.nii.gz)")
+        t.add_argument("--labels", help="folder of label maps with the same file names")
+        t.add_argument("--out", required=True, help="work folder (gets nnUNet_raw/_preprocessed/_results); "
+                       "with --from, the folder that gets a new preseg-<time> model folder")
         t.add_argument("--classes", default="background,organ,lesion", help="class names, background first")
         t.add_argument("--epochs", type=int, default=50)
         t.add_argument("--iterations", type=int, default=250, help="iterations per epoch")
         if what == "preseg":
             t.add_argument("--folds", type=int, default=5, help="ensemble members (nnU-Net folds)")
+            t.add_argument("--from", dest="from_", action="append", metavar="DIR",
+                           help="an 'i3node dataset export' folder (repeatable): sparse expert labels, ignore elsewhere")
         else:
             t.add_argument("--encoding", choices=("i3deep", "i3deep+reviewed"), default="i3deep+reviewed")
             t.add_argument("--preseg-dir", default="",
@@ -772,6 +829,18 @@ def _add_train_parsers(sub: Any) -> None:
                            help="share of samples whose prior is damaged in training (default 0.3)")
             t.add_argument("--no-distance", action="store_true", help="leave out the distance channels")
         t.set_defaults(func=cmd_train_model)
+
+
+def _add_dataset_parser(sub: Any) -> None:
+    """``i3node dataset export``."""
+    s = sub.add_parser("dataset", help="training sets from the radiologists' corrections")
+    dsub = s.add_subparsers(dest="what", required=True, metavar="WHAT")
+    t = dsub.add_parser("export", help="nnU-Net raw dataset of the corrected studies (expert labels on the "
+                        "reviewed planes, 'ignore' elsewhere)")
+    t.add_argument("--config")
+    t.add_argument("--out", required=True, help="dataset folder to write (imagesTr/, labelsTr/, dataset.json)")
+    t.add_argument("--since", help="only studies corrected on or after this date (UTC), e.g. 2026-11-01")
+    t.set_defaults(func=cmd_dataset_export)
 
 
 def _add_evaluate_parser(sub: Any) -> None:
