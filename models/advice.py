@@ -28,11 +28,18 @@ class AdviceRegion:
         Mean over its voxels of ``max_c pbar_c``.
     bbox : tuple of int
         ``(z0, y0, x0, z1, y1, x1)``, half-open voxel bounding box.
+    centroid : tuple of float
+        ``(z, y, x)`` centre of mass of its voxels (voxel coordinates; may lie outside a
+        non-convex supervoxel).
+    n_voxels : int
+        Number of voxels.
     """
 
     region_id: int
     mean_confidence: float
     bbox: tuple[int, int, int, int, int, int]
+    centroid: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    n_voxels: int = 0
 
 
 def advice_regions(
@@ -111,5 +118,10 @@ def advice_regions(
         if box is None:  # pragma: no cover - ids come from the map itself
             continue
         bbox = (box[0].start, box[1].start, box[2].start, box[0].stop, box[1].stop, box[2].stop)
-        regions.append(AdviceRegion(region_id=rid, mean_confidence=float(means[k]), bbox=bbox))
+        inside = label_map[box] == rid
+        offset = np.asarray([sl.start for sl in box], dtype=np.float64)
+        centre = np.argwhere(inside).mean(axis=0) + offset
+        regions.append(AdviceRegion(region_id=rid, mean_confidence=float(means[k]), bbox=bbox,
+                                    centroid=(float(centre[0]), float(centre[1]), float(centre[2])),
+                                    n_voxels=int(np.count_nonzero(inside))))
     return regions, label_map

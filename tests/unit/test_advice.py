@@ -31,3 +31,31 @@ def test_errors() -> None:
         advice_regions(img, np.zeros((2, 4, 4, 3)))
     with pytest.raises(ValueError, match="top_k"):
         advice_regions(img, np.full((2, 4, 4, 4), 0.5), top_k=-1)
+
+
+def test_regions_report_centre_and_size_of_their_supervoxel() -> None:
+    p = make_phantom(1, shape=(12, 24, 24))
+    probs = np.zeros((3,) + p.image.shape, dtype=np.float32)
+    probs[0], probs[1], probs[2] = 0.8, 0.1, 0.1
+    probs[:, 2:6, 4:10, 12:20] = 1 / 3
+    regions, label_map = advice_regions(p.image, probs, n_segments=40, top_k=4)
+    assert len(regions) == 4
+    for r in regions:
+        inside = label_map == r.region_id
+        assert r.n_voxels == int(inside.sum())
+        np.testing.assert_allclose(r.centroid, np.argwhere(inside).mean(axis=0))
+        z0, y0, x0, z1, y1, x1 = r.bbox
+        assert z0 <= r.centroid[0] < z1 and y0 <= r.centroid[1] < y1 and x0 <= r.centroid[2] < x1
+        np.testing.assert_allclose(r.mean_confidence, probs.max(axis=0)[inside].mean(), rtol=1e-5)
+
+
+def test_same_input_same_regions() -> None:
+    """A job re-run after a crash must find the very same regions (no randomness in SLIC)."""
+    p = make_phantom(2, shape=(10, 20, 20))
+    rng = np.random.default_rng(0)
+    fg = rng.uniform(0, 1, size=p.image.shape).astype(np.float32)
+    probs = np.stack([1 - fg, fg])
+    a, map_a = advice_regions(p.image, probs, n_segments=30, top_k=5)
+    b, map_b = advice_regions(p.image, probs, n_segments=30, top_k=5)
+    assert a == b
+    np.testing.assert_array_equal(map_a, map_b)
