@@ -24,6 +24,8 @@ __all__ = [
     "LIVER",
     "MORPHOLOGICALLY_ALTERED_STRUCTURE",
     "OF_INTEREST",
+    "REVIEW_REGION_CATEGORY",
+    "REVIEW_REGION_TYPE",
     "SegmentSpec",
     "code_from_mapping",
     "default_segment_specs",
@@ -41,6 +43,16 @@ LIVER = Code("10200004", "SCT", "Liver")
 LESION = Code("52988006", "SCT", "Lesion")
 #: DCM 113000 "Of Interest" (CID 7010 key object selection document title).
 OF_INTEREST = Code("113000", "DCM", "Of Interest")
+# Review regions (AI advice, papers/003) are places to look at, not structures: neither
+# "Anatomical Structure" nor "Morphologically Altered Structure" (the lesion class's category)
+# would be honest, and a class code would let a returning SEG map them onto a class.
+# CID 7150 offers SCT 309825002 "Spatial and Relational Concept" for locations; pydicom's code
+# dictionary has no DCM or SCT "region of interest" concept, its nearest is NCIt C85402
+# "Imaging Region of Interest" (CID 272), used as the type (CID 7151 is extensible).
+#: SCT 309825002 "Spatial and Relational Concept" (CID 7150 category of review regions).
+REVIEW_REGION_CATEGORY = Code("309825002", "SCT", "Spatial and Relational Concept")
+#: NCIt C85402 "Imaging Region of Interest" (type of review regions).
+REVIEW_REGION_TYPE = Code("C85402", "NCIt", "Imaging Region of Interest")
 
 _MAX_LABEL_VALUE = 255
 

@@ -4,7 +4,9 @@ The KOS references, for each pick, the image a viewer can open directly: the
 source instance for an axial pick, the derived MPR image (see
 :mod:`dicom.mpr`) for a coronal or sagittal pick; it also references the AI
 SEG to edit.  A TEXT item (Key Object Description) lists every slice in plain
-words, ranked by uncertainty.
+words, ranked by uncertainty, and then the review regions (AI advice, papers/003) with
+the axial slices they span and their centre in patient coordinates; the review-regions
+SEG is referenced too.
 """
 from __future__ import annotations
 
@@ -14,14 +16,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
+import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from dicom.codes import OF_INTEREST
 from dicom.mpr import locate_reformatted_image
-from dicom.seg_writer import MANUFACTURER, SourceGeometry
+from dicom.seg_writer import MANUFACTURER, SourceGeometry, review_region_label
 
-__all__ = ["SlicePick", "build_key_object_selection", "describe_picks"]
+__all__ = ["SlicePick", "build_key_object_selection", "describe_picks", "describe_review_regions"]
 
 _AXIS_NAMES = {0: "axial", 1: "coronal", 2: "sagittal"}
 _AXIS_COORD = {0: "z", 1: "y", 2: "x"}
@@ -101,6 +105,61 @@ def describe_picks(picks: Sequence[SlicePick], shape: Sequence[int], images: Seq
     return "\n".join(lines)
 
 
+def describe_review_regions(
+    rank_map: npt.ArrayLike, confidences: Sequence[float], geometry: SourceGeometry
+) -> str:
+    """Plain-language list of the review regions: axial slices spanned and centre in mm.
+
+    Parameters
+    ----------
+    rank_map : array_like
+        Integer ``(z, y, x)`` map in the sorted order of ``geometry``: 0 outside every region,
+        ``r`` inside region ``r`` (1 = least confident).
+    confidences : Sequence[float]
+        Mean ensemble confidence of region 1, 2, ...
+    geometry : SourceGeometry
+        The source series (patient coordinates of the voxels).
+
+    Returns
+    -------
+    str
+        One line per region, e.g. ``"check region 1 (confidence 0.58): axial slices 11-15 of 32
+        (index 10-14), centre x = 12.3, y = -4.0, z = 35.0 mm (patient coordinates), 412 voxels."``
+
+    Raises
+    ------
+    ValueError
+        If ``rank_map`` has another shape than the series or a region is empty.
+    """
+    from scipy import ndimage
+
+    ranks = np.asarray(rank_map)
+    if ranks.shape != geometry.shape:
+        raise ValueError(f"review rank_map must have shape {geometry.shape} (z, y, x), got {ranks.shape}")
+    numbers = list(range(1, len(confidences) + 1))
+    if ranks.size and (int(ranks.min()) < 0 or int(ranks.max()) > len(numbers)):
+        raise ValueError(f"review rank_map values must lie in 0..{len(numbers)} (one confidence per region)")
+    boxes = ndimage.find_objects(ranks.astype(np.int32), max_label=len(numbers))
+    centres = ndimage.center_of_mass(np.ones(ranks.shape, dtype=np.uint8), ranks, numbers)
+    sizes = ndimage.sum_labels(np.ones(ranks.shape, dtype=np.uint8), ranks, numbers)
+    n = geometry.shape[0]
+    lines = [
+        f"i3node also marks {len(numbers)} region(s) where the AI ensemble is least confident, in the series "
+        "'AI review regions (research use)'; check them first (AI advice, research use):"
+    ]
+    for r, confidence, box, centre, size in zip(numbers, confidences, boxes, centres, sizes, strict=True):
+        if box is None:
+            raise ValueError(f"review region {r} has no voxel in rank_map")
+        z0, z1 = box[0].start, box[0].stop - 1
+        x, y, z = geometry.patient_position(*(float(c) for c in centre))
+        lines.append(
+            f"{review_region_label(r, float(confidence))}: axial slices {z0 + 1}-{z1 + 1} of {n} "
+            f"(index {z0}-{z1}), centre x = {x:.1f}, y = {y:.1f}, z = {z:.1f} mm (patient coordinates), "
+            f"{int(size)} voxels."
+        )
+    return "\n".join(lines)
+
+
 def build_key_object_selection(
     source_datasets: Sequence[Dataset],
     picks: Sequence[SlicePick],
@@ -113,6 +172,9 @@ def build_key_object_selection(
     title: Code = OF_INTEREST,
     instance_number: int = 1,
     series_description: str = "AI slices to review (research use)",
+    review_seg: Dataset | None = None,
+    review_rank_map: npt.ArrayLike | None = None,
+    review_confidences: Sequence[float] = (),
 ) -> hd.ko.KeyObjectSelectionDocument:
     """Build a KOS that references the slices to correct and the AI SEG.
 
@@ -138,6 +200,14 @@ def build_key_object_selection(
         InstanceNumber.
     series_description : str
         SeriesDescription.
+    review_seg : pydicom.dataset.Dataset or None
+        The review-regions SEG (:func:`dicom.seg_writer.build_review_regions_segmentation`),
+        referenced after the AI SEG.
+    review_rank_map : array_like or None
+        Its regions (``(z, y, x)``, 0 outside, ``r`` in region ``r``); with ``review_confidences``
+        the text lists them after the slices (:func:`describe_review_regions`).
+    review_confidences : Sequence[float]
+        Mean confidence of region 1, 2, ...
 
     Returns
     -------
@@ -152,12 +222,17 @@ def build_key_object_selection(
     """
     geometry = SourceGeometry.from_datasets(source_datasets)
     _check_arguments(geometry, picks, seg, title, series_uid, sop_uid, series_number)
+    if review_seg is not None:
+        _check_seg(geometry, review_seg, "review_seg")
     images = _picked_images(geometry, picks, _mpr_by_location(geometry, mpr_datasets))
-    referenced = _referenced_objects(picks, images, seg)
+    referenced = _referenced_objects(picks, images, seg, review_seg)
+    description = describe_picks(picks, geometry.shape, images)
+    if review_rank_map is not None and len(review_confidences) > 0:
+        description += "\n" + describe_review_regions(review_rank_map, review_confidences, geometry)
     content = hd.ko.KeyObjectSelection(
         document_title=title,
         referenced_objects=referenced,
-        description=describe_picks(picks, geometry.shape, images),
+        description=description,
     )
     return hd.ko.KeyObjectSelectionDocument(
         evidence=referenced,
@@ -197,12 +272,17 @@ def _check_arguments(
             raise ValueError(f"{name} must be a DICOM UID, got {value!r}")
     if not isinstance(series_number, int) or series_number < 0:
         raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
+    _check_seg(geometry, seg, "seg")
+
+
+def _check_seg(geometry: SourceGeometry, seg: Dataset, name: str) -> None:
+    """Refuse a dataset that is not a SEG of the source series' study and frame of reference."""
     if not isinstance(seg, Dataset) or str(seg.get("Modality", "")) != "SEG":
-        raise ValueError("seg must be a Segmentation dataset (Modality SEG)")
+        raise ValueError(f"{name} must be a Segmentation dataset (Modality SEG)")
     if str(seg.StudyInstanceUID) != geometry.study_uid:
-        raise ValueError("seg must belong to the study of source_datasets")
+        raise ValueError(f"{name} must belong to the study of source_datasets")
     if str(seg.get("FrameOfReferenceUID", "")) != geometry.frame_of_reference_uid:
-        raise ValueError("seg must share the FrameOfReferenceUID of source_datasets")
+        raise ValueError(f"{name} must share the FrameOfReferenceUID of source_datasets")
 
 
 def _mpr_by_location(geometry: SourceGeometry, mpr_datasets: Sequence[Dataset]) -> dict[tuple[int, int], Dataset]:
@@ -239,11 +319,14 @@ def _picked_images(
     return images
 
 
-def _referenced_objects(picks: Sequence[SlicePick], images: Sequence[Dataset], seg: Dataset) -> list[Dataset]:
-    """The picked images in rank order, then the SEG, each instance once."""
+def _referenced_objects(
+    picks: Sequence[SlicePick], images: Sequence[Dataset], seg: Dataset, review_seg: Dataset | None = None
+) -> list[Dataset]:
+    """The picked images in rank order, then the SEG (and the review-regions SEG), each instance once."""
     referenced: list[Dataset] = []
     seen: set[str] = set()
-    for ds in [*(images[i] for i in _rank_order(picks)), seg]:
+    extra = [] if review_seg is None else [review_seg]
+    for ds in [*(images[i] for i in _rank_order(picks)), seg, *extra]:
         uid = str(ds.SOPInstanceUID)
         if uid not in seen:
             seen.add(uid)

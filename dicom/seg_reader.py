@@ -21,6 +21,13 @@ type), then by Segment Label (case-insensitive, also against the type's code
 meaning).  Segments that match nothing are reported in
 :attr:`SegReadResult.unknown_segments` and left out, never guessed.
 
+Review regions (the node's AI advice, "check region N (confidence c)", see
+:func:`dicom.seg_writer.build_review_regions_segmentation`) that a viewer saved together with
+the edited classes are recognised first, by their Segmented Property Type
+(:data:`dicom.codes.REVIEW_REGION_TYPE`) or their label, and never map to a class: they are
+listed in :attr:`SegReadResult.review_regions`, their pixels are ignored and their frames do
+not count in :attr:`SegReadResult.slices_with_frames`.
+
 Segmentation types: BINARY; FRACTIONAL (a pixel belongs to a segment when its
 value is at least half of MaximumFractionalValue); LABELMAP (Label Map
 Segmentation Storage, pixel value = segment number), recognised by SOP Class
@@ -38,6 +45,7 @@ inside the organ stays a lesion).  The result does not depend on frame order.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,7 +55,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array as _decode_pixels
 from pydicom.uid import SegmentationStorage
 
-from dicom.codes import SegmentSpec
+from dicom.codes import REVIEW_REGION_TYPE, SegmentSpec
 from dicom.seg_writer import SourceGeometry
 
 __all__ = [
@@ -58,6 +66,7 @@ __all__ = [
     "SegReadResult",
     "SegReferenceError",
     "UnknownSegment",
+    "is_review_region",
     "read_segmentation",
 ]
 
@@ -69,6 +78,8 @@ LABELMAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 PLANE_TOLERANCE_FRACTION = 0.3
 _INPLANE_TOL_FRACTION = 0.3
 _ORIENTATION_TOL = 1e-3
+#: SegmentLabel of a review region as the node writes it (a viewer may drop the codes).
+_REVIEW_LABEL_RE = re.compile(r"^\s*check region\s+\d+\b", re.IGNORECASE)
 
 
 class SegReadError(ValueError):
@@ -85,7 +96,7 @@ class SegGeometryError(SegReadError):
 
 @dataclass(frozen=True)
 class UnknownSegment:
-    """A segment of the SEG that matches none of the node's classes.
+    """A segment of the SEG that is not mapped to one of the node's classes.
 
     Attributes
     ----------
@@ -113,14 +124,16 @@ class SegReadResult:
         mapped segment covers a voxel.
     slices_with_frames : set[int]
         z indices that carry at least one frame of the SEG (any segment,
-        mapped or not).  With empty frames omitted, other slices were not
-        stored by the writer.
+        mapped or not, except review regions).  With empty frames omitted,
+        other slices were not stored by the writer.
     segment_mapping : dict[int, int]
         SEG SegmentNumber -> node label value, for every mapped segment.
     unknown_segments : tuple[UnknownSegment, ...]
         Segments that were not mapped (their pixels are ignored).
     warnings : tuple[str, ...]
         What was read leniently (e.g. a mis-typed FRACTIONAL SEG); no patient attribute.
+    review_regions : tuple[UnknownSegment, ...]
+        The node's own review regions (AI advice) found in the SEG: ignored, never a class.
     """
 
     labels: npt.NDArray[np.uint8]
@@ -128,6 +141,7 @@ class SegReadResult:
     segment_mapping: dict[int, int]
     unknown_segments: tuple[UnknownSegment, ...] = field(default=())
     warnings: tuple[str, ...] = field(default=())
+    review_regions: tuple[UnknownSegment, ...] = field(default=())
 
 
 def _code_key(item: Dataset) -> tuple[str, str]:
@@ -145,10 +159,44 @@ def _first(seq: Iterable[Dataset] | None) -> Dataset | None:
     return None
 
 
+def is_review_region(item: Dataset) -> bool:
+    """Whether a SegmentSequence item is one of the node's review regions (AI advice).
+
+    Parameters
+    ----------
+    item : pydicom.dataset.Dataset
+        An item of a SEG's SegmentSequence.
+
+    Returns
+    -------
+    bool
+        True when its Segmented Property Type is :data:`dicom.codes.REVIEW_REGION_TYPE` or its
+        SegmentLabel starts with ``"check region N"``.
+    """
+    type_item = _first(item.get("SegmentedPropertyTypeCodeSequence"))
+    review_key = (REVIEW_REGION_TYPE.value, REVIEW_REGION_TYPE.scheme_designator.upper())
+    if type_item is not None and _code_key(type_item) == review_key:
+        return True
+    return bool(_REVIEW_LABEL_RE.match(str(item.get("SegmentLabel", "") or "")))
+
+
+def _describe_segment(item: Dataset) -> UnknownSegment:
+    """Number, label and property type code of a segment, for reporting."""
+    type_item = _first(item.get("SegmentedPropertyTypeCodeSequence"))
+    code = ""
+    if type_item is not None:
+        value, scheme = _code_key(type_item)
+        code = f"({value}, {scheme}, {type_item.get('CodeMeaning', '')!s})"
+    return UnknownSegment(int(item.SegmentNumber), str(item.get("SegmentLabel", "") or ""), code)
+
+
 def _map_segments(
     seg: Dataset, specs: Sequence[SegmentSpec]
-) -> tuple[dict[int, int], list[UnknownSegment]]:
-    """Map SEG segment numbers to node label values (by type code, category, label); collect the rest."""
+) -> tuple[dict[int, int], list[UnknownSegment], list[UnknownSegment]]:
+    """Map SEG segment numbers to node label values (by type code, category, label).
+
+    Returns the mapping, the segments matching no class, and the review regions (never mapped).
+    """
     if "SegmentSequence" not in seg or len(seg.SegmentSequence) == 0:
         raise SegReadError("seg has no SegmentSequence")
     by_type: dict[tuple[str, str], list[SegmentSpec]] = {}
@@ -163,7 +211,11 @@ def _map_segments(
 
     mapping: dict[int, int] = {}
     unknown: list[UnknownSegment] = []
+    review: list[UnknownSegment] = []
     for item in seg.SegmentSequence:
+        if is_review_region(item):
+            review.append(_describe_segment(item))
+            continue
         number = int(item.SegmentNumber)
         label = str(item.get("SegmentLabel", "") or "")
         type_item = _first(item.get("SegmentedPropertyTypeCodeSequence"))
@@ -185,14 +237,10 @@ def _map_segments(
         if match is None and label.strip():
             match = by_label.get(label.casefold().strip())
         if match is None:
-            code = ""
-            if type_item is not None:
-                value, scheme = _code_key(type_item)
-                code = f"({value}, {scheme}, {type_item.get('CodeMeaning', '')!s})"
-            unknown.append(UnknownSegment(number, label, code))
+            unknown.append(_describe_segment(item))
         else:
             mapping[number] = match.label_value
-    return mapping, unknown
+    return mapping, unknown, review
 
 
 def _check_references(seg: Dataset, geometry: SourceGeometry) -> None:
@@ -370,7 +418,7 @@ def read_segmentation(
     geometry = SourceGeometry.from_datasets(source_datasets)
     seg_type = _segmentation_type(seg)
     _check_references(seg, geometry)
-    mapping, unknown = _map_segments(seg, specs)
+    mapping, unknown, review = _map_segments(seg, specs)
     frames = _per_frame_groups(seg)
     shared = _shared(seg)
     _check_inplane(seg, shared, frames, geometry)
@@ -379,10 +427,13 @@ def read_segmentation(
     labels = np.zeros(geometry.shape, dtype=np.uint8)
     if seg_type == "LABELMAP":
         _paint_labelmap(labels, pixels, slice_index, seg, mapping)
-        return SegReadResult(labels, set(slice_index), mapping, tuple(unknown))
+        return SegReadResult(labels, set(slice_index), mapping, tuple(unknown), review_regions=tuple(review))
     threshold, warnings = _inside_threshold(seg, seg_type, pixels)
     _paint_segment_frames(labels, pixels, slice_index, frames, shared, mapping, seg_type, threshold)
-    return SegReadResult(labels, set(slice_index), mapping, tuple(unknown), tuple(warnings))
+    review_numbers = {r.segment_number for r in review}
+    with_frames = {k for f, k in enumerate(slice_index)
+                   if _frame_segment_number(frames[f], shared, f) not in review_numbers}
+    return SegReadResult(labels, with_frames, mapping, tuple(unknown), tuple(warnings), tuple(review))
 
 
 # -- read_segmentation: frames and pixels ------------------------------------
@@ -451,6 +502,14 @@ def _paint_labelmap(
         np.maximum(labels[k], values, out=labels[k])
 
 
+def _frame_segment_number(frame: Dataset, shared: Dataset, f: int) -> int:
+    """ReferencedSegmentNumber of a BINARY/FRACTIONAL frame (``f``: 0-based, for the message)."""
+    ident = _frame_attr(frame, shared, "SegmentIdentificationSequence")
+    if ident is None or "ReferencedSegmentNumber" not in ident:
+        raise SegReadError(f"seg frame {f + 1} has no SegmentIdentificationSequence")
+    return int(ident.ReferencedSegmentNumber)
+
+
 def _paint_segment_frames(
     labels: npt.NDArray[np.uint8],
     pixels: npt.NDArray[np.generic],
@@ -463,10 +522,7 @@ def _paint_segment_frames(
 ) -> None:
     """Paint BINARY/FRACTIONAL frames (one segment each) into ``labels``; higher label values win."""
     for f, k in enumerate(slice_index):
-        ident = _frame_attr(frames[f], shared, "SegmentIdentificationSequence")
-        if ident is None or "ReferencedSegmentNumber" not in ident:
-            raise SegReadError(f"seg frame {f + 1} has no SegmentIdentificationSequence")
-        label = mapping.get(int(ident.ReferencedSegmentNumber))
+        label = mapping.get(_frame_segment_number(frames[f], shared, f))
         if label is None:
             continue
         frame = pixels[f]

@@ -10,6 +10,10 @@ the object; the caller writes and sends it.
 :class:`SourceGeometry` is the shared view of a single-frame source series
 (sorted along the slice normal) that the SEG reader, the MPR and KOS builders
 use too.
+
+:func:`build_review_regions_segmentation` writes the AI advice (papers/003): the least
+confident supervoxels as segments "check region N (confidence c)", in a series of their own
+that never maps onto the node's classes when it comes back (:mod:`dicom.seg_reader`).
 """
 from __future__ import annotations
 
@@ -26,14 +30,19 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as _sr_codes
 
-from dicom.codes import SegmentSpec
+from dicom.codes import REVIEW_REGION_CATEGORY, REVIEW_REGION_TYPE, SegmentSpec
 
 __all__ = [
     "MANUFACTURER",
+    "MAX_REVIEW_REGIONS",
+    "REVIEW_CONTENT_LABEL",
     "SegKind",
     "SourceGeometry",
     "SourceGeometryError",
+    "build_review_regions_segmentation",
     "build_segmentation",
+    "review_region_label",
+    "review_region_specs",
     "segment_descriptions",
 ]
 
@@ -52,12 +61,27 @@ class SegKind(enum.Enum):
     """AI presegmentation (SegmentAlgorithmType AUTOMATIC)."""
     REFINED = "REFINED"
     """Refined segmentation from expert corrections (SEMIAUTOMATIC)."""
+    REVIEW_REGIONS = "REVIEW_REGIONS"
+    """AI advice: low-confidence regions to check first (AUTOMATIC), not classes."""
 
 
 _ALGORITHM_TYPES: dict[SegKind, hd.seg.SegmentAlgorithmTypeValues] = {
     SegKind.PRESEG: hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
     SegKind.REFINED: hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+    SegKind.REVIEW_REGIONS: hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
 }
+
+#: ContentLabel of the review-regions SEG.
+REVIEW_CONTENT_LABEL = "AI_REVIEW"
+#: Most review regions one SEG holds (one distinct display colour each).
+MAX_REVIEW_REGIONS = 20
+# Distinct, saturated colours (none equal to the default class colours), region 1 first.
+_REVIEW_COLORS: tuple[tuple[int, int, int], ...] = (
+    (255, 0, 255), (0, 255, 255), (255, 128, 0), (0, 128, 255), (128, 255, 0),
+    (255, 0, 128), (0, 255, 128), (128, 0, 255), (255, 64, 64), (64, 64, 255),
+    (192, 192, 0), (0, 192, 192), (192, 0, 192), (255, 160, 160), (160, 160, 255),
+    (160, 255, 160), (128, 64, 0), (0, 64, 128), (64, 128, 0), (128, 0, 64),
+)
 
 
 class SourceGeometryError(ValueError):
@@ -303,7 +327,8 @@ def build_segmentation(
     series_number : int
         SeriesNumber of the new series.
     kind : SegKind
-        PRESEG (SegmentAlgorithmType AUTOMATIC) or REFINED (SEMIAUTOMATIC).
+        PRESEG (SegmentAlgorithmType AUTOMATIC), REFINED (SEMIAUTOMATIC) or REVIEW_REGIONS
+        (AUTOMATIC; prefer :func:`build_review_regions_segmentation`).
     version : int
         Output version (1 for the presegmentation, 2, 3, ... for refinements);
         used in the default series description and content label.
@@ -348,6 +373,116 @@ def build_segmentation(
     )
     _apply_post_fixes(seg, sop_uid=sop_uid, uid_root=uid_root)
     return seg
+
+
+def review_region_label(rank: int, confidence: float) -> str:
+    """SegmentLabel of a review region, e.g. ``"check region 1 (confidence 0.58)"``.
+
+    Parameters
+    ----------
+    rank : int
+        1 = the least confident region.
+    confidence : float
+        Mean ensemble confidence (maximum class probability) over the region, 0..1.
+
+    Returns
+    -------
+    str
+        The label.
+    """
+    return f"check region {rank} (confidence {confidence:.2f})"
+
+
+def review_region_specs(confidences: Sequence[float]) -> tuple[SegmentSpec, ...]:
+    """Segment specs of review regions ranked 1..k (label value = rank).
+
+    Parameters
+    ----------
+    confidences : Sequence[float]
+        Mean confidence of region 1, 2, ... (ascending: least confident first).
+
+    Returns
+    -------
+    tuple[SegmentSpec, ...]
+        One spec per region, coded as a region of interest (:data:`dicom.codes.REVIEW_REGION_TYPE`),
+        never as one of the node's classes.
+
+    Raises
+    ------
+    ValueError
+        If there are no or more than :data:`MAX_REVIEW_REGIONS` confidences, or one is outside 0..1.
+    """
+    values = [float(c) for c in confidences]
+    if not 1 <= len(values) <= MAX_REVIEW_REGIONS:
+        raise ValueError(f"confidences must hold 1..{MAX_REVIEW_REGIONS} values, got {len(values)}")
+    if not all(0.0 <= c <= 1.0 for c in values):
+        raise ValueError(f"confidences must lie in 0..1, got {values}")
+    return tuple(
+        SegmentSpec(rank, review_region_label(rank, c), REVIEW_REGION_CATEGORY, REVIEW_REGION_TYPE,
+                    _REVIEW_COLORS[rank - 1])
+        for rank, c in enumerate(values, start=1)
+    )
+
+
+def build_review_regions_segmentation(
+    source_datasets: Sequence[Dataset],
+    rank_map: npt.ArrayLike,
+    confidences: Sequence[float],
+    *,
+    model_id: str,
+    model_version: str,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    keep_empty_frames: bool = True,
+    uid_root: str | None = None,
+) -> hd.seg.Segmentation:
+    """Build the SEG of review regions (AI advice): one segment per low-confidence region.
+
+    Parameters
+    ----------
+    source_datasets : Sequence[pydicom.dataset.Dataset]
+        The source series, any order (metadata suffices).
+    rank_map : array_like
+        Integer ``(z, y, x)`` map in sorted order: 0 outside every region, ``r`` inside region ``r``
+        (1 = least confident).
+    confidences : Sequence[float]
+        Mean confidence of region 1, 2, ...; segment ``r`` is labelled
+        :func:`review_region_label` ``(r, confidences[r - 1])``.
+    model_id, model_version : str
+        Algorithm name and version recorded in every segment.
+    series_uid, sop_uid : str
+        UIDs of the new series and instance (fixed by the caller per job).
+    series_number : int
+        SeriesNumber of the new series.
+    keep_empty_frames : bool
+        Keep one frame per source slice and segment even if empty (default).
+    uid_root : str or None
+        Root of the DimensionOrganizationUID (see :func:`build_segmentation`).
+
+    Returns
+    -------
+    highdicom.seg.Segmentation
+        SeriesDescription "AI review regions (research use)", ContentLabel ``AI_REVIEW``.
+
+    Raises
+    ------
+    ValueError
+        If an argument is malformed (the message names it), e.g. a rank without a confidence.
+    """
+    return build_segmentation(
+        source_datasets,
+        rank_map,
+        review_region_specs(confidences),
+        model_id=model_id,
+        model_version=model_version,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        series_number=series_number,
+        kind=SegKind.REVIEW_REGIONS,
+        keep_empty_frames=keep_empty_frames,
+        uid_root=uid_root,
+    )
 
 
 # -- build_segmentation: argument checks -------------------------------------
@@ -516,6 +651,9 @@ def _content_identification(
     if kind is SegKind.PRESEG:
         default_description = "AI presegmentation (research use)"
         default_label = "AI_PRESEG"
+    elif kind is SegKind.REVIEW_REGIONS:
+        default_description = "AI review regions (research use)"
+        default_label = REVIEW_CONTENT_LABEL
     else:
         default_description = f"AI refined v{version} (research use)"
         default_label = f"AI_REFINED_V{version}"
