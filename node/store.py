@@ -407,21 +407,26 @@ class Store:
             # receiving: it keeps the stability clock from running out mid-resend.
             c.execute(_Q_TOUCH_RECEIVING, {"study": rec.study_uid, "now": now})
             return RecordOutcome(new=False, reopened_study=False)
-        # Study and series rows are inserted if absent (ON CONFLICT DO NOTHING), so two
-        # receivers starting the same study at once both succeed.
+        # A missing study or series row is inserted with ON CONFLICT DO NOTHING, so two
+        # receivers starting the same study at once both succeed; the common case (the row
+        # exists) costs one look-up and one update, as before.
         reopened = False
-        if c.execute(self._q_study_insert, {"study": rec.study_uid, "now": now}).first() is None:
-            st = c.execute(_Q_STUDY_STATE, {"study": rec.study_uid}).first()
-            reopened = st is not None and st.state == StudyState.STABLE.value
+        st = c.execute(_Q_STUDY_STATE, {"study": rec.study_uid}).first()
+        if st is None and c.execute(self._q_study_insert, {"study": rec.study_uid, "now": now}).first() is None:
+            st = c.execute(_Q_STUDY_STATE, {"study": rec.study_uid}).first()  # another receiver was first
+        if st is not None:
+            reopened = st.state == StudyState.STABLE.value
             c.execute(_Q_STUDY_RECEIVE, {"study": rec.study_uid, "now": now, "reopened": 1 if reopened else 0})
         series_row = {
             "series": rec.series_uid, "study": rec.study_uid, "modality": rec.modality,
             "sop_class": rec.sop_class_uid, "description": rec.series_description[:64],
             "number": rec.series_number, "now": now,
         }
-        if c.execute(self._q_series_insert, series_row).first() is None:
+        owner = c.execute(_Q_SERIES_EXISTS, {"series": rec.series_uid}).first()
+        if owner is None and c.execute(self._q_series_insert, series_row).first() is None:
             owner = c.execute(_Q_SERIES_EXISTS, {"series": rec.series_uid}).first()
-            if owner is not None and owner.study_uid != rec.study_uid:
+        if owner is not None:
+            if owner.study_uid != rec.study_uid:
                 raise InstanceConflict(f"Series Instance UID already used in study {owner.study_uid}")
             c.execute(_Q_SERIES_RECEIVE, {"series": rec.series_uid, "now": now})
         c.execute(
