@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 
 AXIS_NAMES = {0: "axial", 1: "coronal", 2: "sagittal"}
 AXIS_INDEX = {v: k for k, v in AXIS_NAMES.items()}
+#: SeriesNumber of the review-regions SEG: ``outputs.series_number_base`` + this (base + 1 is the AI SEG,
+#: + 2 the KOS, + 3 and + 4 the coronal/sagittal MPR images, + 10 + v the refined SEG v).
+REVIEW_SERIES_OFFSET = 5
 SEG_SOP_CLASS = str(SegmentationStorage)
 
 
@@ -139,6 +142,8 @@ def output_uids(uids: UidFactory, job_id: int, source_series_uid: str, version: 
             kos_sop=uids.derive(*key, "kos"),
             mpr_series_1=uids.derive(*key, "mpr-series", "1"),
             mpr_series_2=uids.derive(*key, "mpr-series", "2"),
+            advice_series=uids.derive(*key, "advice-series"),
+            advice_sop=uids.derive(*key, "advice"),
         )
     return out
 
@@ -334,6 +339,8 @@ def run_segmentation(ctx: PipelineContext, job_id: int) -> None:
     series_uid = job["series_uid"]
     data = store.job_data(job_id)
     data.setdefault("uids", output_uids(ctx.uids, job_id, series_uid, 1))
+    for name, uid in output_uids(ctx.uids, job_id, series_uid, 1).items():
+        data["uids"].setdefault(name, uid)  # outputs added since the job started (same derivation)
     uids = data["uids"]
     work = ctx.workdir(job_id)
     arrays_path = work / "preseg.npz"
@@ -428,6 +435,71 @@ def _write_seg(
     return path, seg
 
 
+def _review_regions(ctx: PipelineContext, job_id: int, volume: Volume) -> tuple[np.ndarray, list[float]] | None:
+    """The job's review regions (MECCA advice): ``uint8`` rank map and mean confidences, or None.
+
+    Computed once from the stored, quantized ensemble mean (so a re-run after a crash finds the
+    same regions) and kept in ``advice.npz`` next to ``preseg.npz``.
+    """
+    from models.advice import advice_regions
+
+    advice = ctx.settings.advice
+    path = ctx.workdir(job_id) / "advice.npz"
+    if path.exists():
+        arrays = _read_arrays(path)
+        ranks, confidences = arrays["rank_map"], [float(c) for c in arrays["confidences"]]
+        return (ranks, confidences) if confidences else None
+    if not advice.enabled or advice.top_k == 0:
+        return None
+    t0 = time.monotonic()
+    prior = _prior(ctx, ctx.workdir(job_id), volume)
+    try:
+        regions, label_map = advice_regions(volume.array, prior, n_segments=advice.n_segments, top_k=advice.top_k)
+    except ValueError as exc:
+        log.warning("job %d: no review regions (%s)", job_id, exc)
+        return None
+    ranks = np.zeros(label_map.shape, dtype=np.uint8)
+    for rank, region in enumerate(regions, start=1):
+        ranks[label_map == region.region_id] = rank
+    confidences = [round(r.mean_confidence, 4) for r in regions]
+    _write_arrays(path, rank_map=ranks, confidences=np.asarray(confidences, dtype=np.float64),
+                  region_ids=np.asarray([r.region_id for r in regions], dtype=np.int32))
+    secs = _timed(ctx, "advice", t0)
+    log.info("job %d: %d review region(s) from %d supervoxels in %.2f s", job_id, len(regions),
+             int(label_map.max()), secs)
+    return (ranks, confidences) if confidences else None
+
+
+def _write_review_seg(
+    ctx: PipelineContext,
+    headers: list[Dataset],
+    regions: tuple[np.ndarray, list[float]],
+    uids: Mapping[str, str],
+    outdir: Path,
+) -> tuple[Path, Dataset]:
+    """Build and durably write the review-regions SEG, or reuse it if a previous run wrote it."""
+    from dicom.seg_writer import build_review_regions_segmentation
+
+    s = ctx.settings
+    path = outdir / f"{uids['advice_sop']}.dcm"
+    if path.exists():
+        return path, pydicom.dcmread(path)
+    seg = build_review_regions_segmentation(
+        headers,
+        regions[0],
+        regions[1],
+        model_id=f"{s.models.model_id} review regions"[:64],
+        model_version=f"{ctx.model_version()}; SLIC n={s.advice.n_segments}"[:64],
+        series_uid=uids["advice_series"],
+        sop_uid=uids["advice_sop"],
+        series_number=s.outputs.series_number_base + REVIEW_SERIES_OFFSET,
+        keep_empty_frames=s.outputs.keep_empty_frames,
+        uid_root=s.outputs.uid_root,
+    )
+    _write_dataset(seg, path)
+    return path, seg
+
+
 def _export_presegmentation(
     ctx: PipelineContext,
     job_id: int,
@@ -446,6 +518,11 @@ def _export_presegmentation(
     files: list[OutputFile] = []
     seg_path, seg = _write_seg(ctx, headers, labels, uids, outdir, version=1)
     files.append(OutputFile(uids["seg_sop"], "seg", uids["seg_series"], seg_path))
+    regions = _review_regions(ctx, job_id, volume)
+    review_seg = None
+    if regions is not None:
+        review_path, review_seg = _write_review_seg(ctx, headers, regions, uids, outdir)
+        files.append(OutputFile(uids["advice_sop"], "seg", uids["advice_series"], review_path))
 
     mpr_datasets: list[Dataset] = []
     for axis in (1, 2):
@@ -486,6 +563,9 @@ def _export_presegmentation(
             sop_uid=uids["kos_sop"],
             series_number=base + 2,
             title=kos_title_code(s.outputs.kos_title),
+            review_seg=review_seg,
+            review_rank_map=None if regions is None else regions[0],
+            review_confidences=() if regions is None else regions[1],
         )
         _write_dataset(kos, kos_path)
     files.append(OutputFile(uids["kos_sop"], "kos", uids["kos_series"], kos_path))
@@ -576,6 +656,9 @@ def run_refinement(ctx: PipelineContext, job_id: int, correction_sop_uid: str) -
             job_id,
             len(result.unknown_segments),
         )
+    if result.review_regions:
+        log.info("job %d: corrected SEG carries %d review region(s) (AI advice); ignored, not a class",
+                 job_id, len(result.review_regions))
     for warning in result.warnings:
         log.warning("job %d: corrected SEG %s: %s", job_id, correction_sop_uid, warning)
 

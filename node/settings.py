@@ -29,6 +29,7 @@ __all__ = [
     "SelectionRule",
     "ModelSettings",
     "AcquisitionSettings",
+    "AdviceSettings",
     "RefinementSettings",
     "OutputSettings",
     "Destination",
@@ -171,6 +172,15 @@ class AcquisitionSettings:
 
 
 @dataclass(frozen=True)
+class AdviceSettings:
+    """Review regions: the least confident SLIC supervoxels, sent as a SEG series of their own (MECCA advice)."""
+
+    enabled: bool = _f(True, "With each AI presegmentation, send the series 'AI review regions (research use)' and list the regions in the key-image note.")
+    top_k: int = _f(5, "Number of review regions (the least confident supervoxels); 0 = none.", minimum=0, maximum=20)
+    n_segments: int = _f(200, "Approximate number of SLIC supervoxels the volume is split into.", minimum=1, maximum=100000)
+
+
+@dataclass(frozen=True)
 class RefinementSettings:
     """How a corrected SEG becomes the refined SEG (the corrected slices always stay as drawn)."""
 
@@ -257,6 +267,7 @@ class Settings:
     selection: tuple[SelectionRule, ...] = field(default=(SelectionRule(),), metadata=_meta("Series selection rules ([[selection]] tables); a series matching any rule gets a job."))
     models: ModelSettings = field(default_factory=ModelSettings)
     acquisition: AcquisitionSettings = field(default_factory=AcquisitionSettings)
+    advice: AdviceSettings = field(default_factory=AdviceSettings)
     refinement: RefinementSettings = field(default_factory=RefinementSettings)
     outputs: OutputSettings = field(default_factory=OutputSettings)
     destinations: tuple[Destination, ...] = field(default=(), metadata=_meta("Where outputs are sent ([[destinations]] tables)."))

@@ -22,7 +22,8 @@ def test_output_uids_are_fixed_per_job_and_version() -> None:
     f = UidFactory(ROOT)
     a, b = output_uids(f, 7, "1.2.3", 1), output_uids(f, 7, "1.2.3", 1)
     assert a == b, "a re-run after a crash must produce the same UIDs"
-    assert set(a) == {"seg_series", "seg_sop", "kos_series", "kos_sop", "mpr_series_1", "mpr_series_2"}
+    assert set(a) == {"seg_series", "seg_sop", "kos_series", "kos_sop", "mpr_series_1", "mpr_series_2",
+                      "advice_series", "advice_sop"}
     assert len(set(a.values())) == len(a)
     v2 = output_uids(f, 7, "1.2.3", 2)
     assert set(v2) == {"seg_series", "seg_sop"} and v2["seg_sop"] != a["seg_sop"]
