@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests.fixtures.dicom_data",
     "tests.fixtures.node_fixtures",
     "tests.fixtures.postgres",
+    "tests.fixtures.pki",
 ]
 
 

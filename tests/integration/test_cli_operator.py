@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.node_fixtures import wait_until
-from tests.integration.test_tls import OPENSSL, _make_ca, _make_leaf
+from tests.fixtures.pki import OPENSSL, Pki
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cr3t-Pw"
@@ -176,28 +175,6 @@ def test_missing_database_driver_says_what_to_install(tmp_path: Path) -> None:
 
 
 # -- 3 and 4. TLS ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    rogue_ca: Path
-    rogue_cert: Path
-    rogue_key: Path
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    if OPENSSL is None:
-        pytest.skip("openssl command line not installed")
-    d = tmp_path_factory.mktemp("pki")
-    ca, rogue = _make_ca(d, "ca"), _make_ca(d, "rogue-ca")
-    server, client, rogue_client = _make_leaf(d, "server", ca), _make_leaf(d, "client", ca), _make_leaf(d, "rogue", rogue)
-    return Pki(ca[0], server[0], server[1], client[0], client[1], rogue[0], rogue_client[0], rogue_client[1])
 
 
 @pytest.fixture

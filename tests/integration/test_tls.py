@@ -5,10 +5,8 @@ a trusted client certificate, and a client certificate from a second ("rogue") C
 """
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import warnings
 from collections.abc import Iterator
@@ -24,73 +22,9 @@ from pynetdicom.sop_class import CTImageStorage
 from dicom.scp import ScpConfig, StoredInstance, StoreSCP
 from dicom.synthetic import build_ct_series, write_datasets
 from node.tls import TlsConfigError, client_context, server_context
+from tests.fixtures.pki import OPENSSL, Pki
 
-OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="openssl command line not installed")
-
-
-@dataclass(frozen=True)
-class Pki:
-    """Paths of the throw-away test PKI."""
-
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    rogue_ca: Path
-    rogue_cert: Path
-    rogue_key: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run([str(OPENSSL), *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _make_ca(d: Path, name: str) -> tuple[Path, Path]:
-    key, cert = d / f"{name}.key", d / f"{name}.pem"
-    _openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN=i3node test {name}",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        cwd=d,
-    )
-    return cert, key
-
-
-def _make_leaf(d: Path, name: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
-    key, csr, cert, ext = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.pem", d / f"{name}.ext"
-    ext.write_text(
-        "basicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature,keyAgreement\n"
-        "extendedKeyUsage=serverAuth,clientAuth\n"
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-        "subjectKeyIdentifier=hash\n"
-        "authorityKeyIdentifier=keyid\n"
-    )
-    _openssl(
-        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}",
-        cwd=d,
-    )
-    _openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
-        "-out", str(cert), "-days", "2", "-extfile", str(ext),
-        cwd=d,
-    )
-    return cert, key
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    ca = _make_ca(d, "ca")
-    rogue = _make_ca(d, "rogue-ca")
-    server = _make_leaf(d, "server", ca)
-    client = _make_leaf(d, "client", ca)
-    rogue_client = _make_leaf(d, "rogue-client", rogue)
-    return Pki(ca[0], server[0], server[1], client[0], client[1], rogue[0], rogue_client[0], rogue_client[1])
 
 
 class _Sink:
