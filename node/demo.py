@@ -136,6 +136,16 @@ class ViewerInbox:
             return [i for i in self.instances if i.sop_class_uid == sop_class_uid]
 
 
+def _segs_labelled(inbox: ViewerInbox, prefix: str) -> list[StoredInstance]:
+    """Received SEGs whose ContentLabel starts with ``prefix`` (AI_PRESEG, AI_REVIEW, AI_REFINED)."""
+    found = []
+    for inst in inbox.of_class(SEG_SOP_CLASS):
+        ds = pydicom.dcmread(inst.path, stop_before_pixels=True, specific_tags=["ContentLabel"])
+        if str(ds.get("ContentLabel", "")).startswith(prefix):
+            found.append(inst)
+    return found
+
+
 def demo_settings(workdir: Path, viewer_port: int, preseg_dir: Path, refine_dir: Path) -> Settings:
     """Embedded defaults, with state under ``workdir``, an ephemeral port and a short stability wait."""
     return settings_from_mapping(
@@ -378,7 +388,8 @@ def _await_ai_outputs(store: Any, inbox: ViewerInbox, report: DemoReport, say: P
     """Wait for the AI SEG and the key-image note at the viewer; the job's id."""
     say("waiting for the study to become stable, then for the AI SEG and key-image note at the viewer")
     t0 = time.monotonic()
-    if not _wait(lambda: len(inbox.of_class(KOS_SOP_CLASS)) >= 1 and len(inbox.of_class(SEG_SOP_CLASS)) >= 1, timeout_s):
+    if not _wait(lambda: len(inbox.of_class(KOS_SOP_CLASS)) >= 1 and len(_segs_labelled(inbox, "AI_PRESEG")) >= 1,
+                 timeout_s):
         jobs = store.jobs()
         report.problems.append(f"no SEG+KOS at the viewer (jobs: {[(j['id'], j['state'], j['reason']) for j in jobs]})")
         return None
@@ -400,7 +411,7 @@ def _radiologist_corrects(inbox: ViewerInbox, source: Sequence[Dataset], gt: np.
     images = [pydicom.dcmread(i.path, stop_before_pixels=True) for i in inbox.instances
               if i.sop_class_uid not in (KOS_SOP_CLASS, SEG_SOP_CLASS)]
     named = slices_named_by_kos(kos, source, images)
-    ai_seg = pydicom.dcmread(inbox.of_class(SEG_SOP_CLASS)[0].path)
+    ai_seg = pydicom.dcmread(_segs_labelled(inbox, "AI_PRESEG")[0].path)
     ai_labels = read_segmentation(ai_seg, source, segments).labels
     n_named = sum(len(v) for v in named.values())
     if n_named != len(report.picks):
@@ -424,13 +435,13 @@ def _await_refined(app: Any, inbox: ViewerInbox, source: Sequence[Dataset], segm
     if not res.ok:
         report.problems.append("the node refused the corrected SEG")
         return None
-    if not _wait(lambda: len(inbox.of_class(SEG_SOP_CLASS)) >= 2, timeout_s):
+    if not _wait(lambda: len(_segs_labelled(inbox, "AI_REFINED")) >= 1, timeout_s):
         report.problems.append(f"no refined SEG at the viewer (job: {dict(store.job(job_id) or {})})")
         return None
     report.timings["corrected SEG sent -> refined SEG at viewer"] = time.monotonic() - t0
     for k, v in store.job_data(job_id).get("timings", {}).items():
         report.timings.setdefault(f"  node: {k}", float(v))
-    refined_seg = pydicom.dcmread([i for i in inbox.of_class(SEG_SOP_CLASS) if i.sop_uid != ai_seg_uid][0].path)
+    refined_seg = pydicom.dcmread([i for i in _segs_labelled(inbox, "AI_REFINED") if i.sop_uid != ai_seg_uid][0].path)
     if "refined v2" not in str(refined_seg.SeriesDescription).lower():
         report.problems.append(f"unexpected refined series description {refined_seg.SeriesDescription!r}")
     return read_segmentation(refined_seg, source, segments).labels

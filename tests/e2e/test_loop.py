@@ -105,7 +105,9 @@ def test_whole_loop_with_dcmtk_viewer(node_factory, viewer, demo_models, tmp_pat
     existing = {str(ds.SOPInstanceUID) for ds in source} | {str(ds.SOPInstanceUID) for ds in outputs}
     (kos,) = got[KOS]
     assert kos_references(kos) <= existing
-    (ai_seg,) = got[SEG]
+    (ai_seg,) = [ds for ds in got[SEG] if ds.ContentLabel == "AI_PRESEG"]
+    (review,) = [ds for ds in got[SEG] if ds.ContentLabel == "AI_REVIEW"]  # the advice regions, own series
+    assert len(review.SegmentSequence) == 5 and any("check region 1" in str(i.get("TextValue", "")) for i in kos.ContentSequence)
     assert ai_seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
     assert ai_seg.NumberOfFrames == len(source) * len(default_segment_specs()), "empty frames are kept"
 
@@ -127,12 +129,12 @@ def test_whole_loop_with_dcmtk_viewer(node_factory, viewer, demo_models, tmp_pat
     # The same corrected SEG arriving twice triggers one refinement.
     assert storescu([edit_path], app.port, calling_ae="VIEWER", extra=("-R",)).returncode == 0
 
-    wait_for(lambda: len(received(viewer_dir).get(SEG, [])) >= 2, 300, "the refined SEG at the viewer")
+    wait_for(lambda: len(received(viewer_dir).get(SEG, [])) >= 3, 300, "the refined SEG at the viewer")
     wait_for(lambda: app.store.job(job["id"])["state"] == JobState.DONE.value, 60, "job done")
     time.sleep(3.0)
     segs_at_viewer = received(viewer_dir)[SEG]
-    assert len(segs_at_viewer) == 2, "one refinement only for a SEG received twice"
-    refined = next(ds for ds in segs_at_viewer if ds.SOPInstanceUID != ai_seg.SOPInstanceUID)
+    assert len(segs_at_viewer) == 3, "one refinement only for a SEG received twice"
+    refined = next(ds for ds in segs_at_viewer if ds.SOPInstanceUID not in (ai_seg.SOPInstanceUID, review.SOPInstanceUID))
     assert_valid(refined)
     assert refined.SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
     assert "refined v2" in refined.SeriesDescription.lower()
@@ -272,7 +274,10 @@ def test_kill_9_and_resume(tmp_path: Path, viewer, demo_models, kill_in: str) ->
         wait_for(lambda: SEG in received(viewer_dir) and KOS in received(viewer_dir), 120, "outputs at the viewer")
         time.sleep(2.0)
         segs = received(viewer_dir)[SEG]
-        assert len({str(s.SOPInstanceUID) for s in segs}) == 1, "one SEG for the job version, never two different ones"
+        by_label = {str(s.ContentLabel): {str(x.SOPInstanceUID) for x in segs if x.ContentLabel == s.ContentLabel}
+                    for s in segs}
+        # One AI SEG and one review-regions SEG for the job version, never two different ones of either.
+        assert sorted(by_label) == ["AI_PRESEG", "AI_REVIEW"] and all(len(v) == 1 for v in by_label.values()), by_label
         store.close()
     finally:
         proc.send_signal(signal.SIGTERM)
