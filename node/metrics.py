@@ -14,19 +14,17 @@ Everything lives in the :class:`Metrics` object's own
 :class:`prometheus_client.CollectorRegistry` (never the process-global one), so several
 nodes in one test process do not collide.
 
-Node identity: an info metric, not a label on every series
-----------------------------------------------------------
-Every node exports ``i3node_node_info{node="<node id>", version="<version>"} 1`` and no
-constant ``node`` label on the other series. This follows the Prometheus guide "Writing
-exporters" (*Target labels, not static scraped labels*): a label that would sit on every
-metric of a target either belongs on an info-style metric (version, role, name) or is a
-target label that the Prometheus server attaches (``instance``, ``job``); the
-application should not impose its own place in the label taxonomy. Every series of a
-node already carries the ``instance`` label of its scrape target, so the node id is one
-join away::
+Node identity: a ``node`` label on every series
+-----------------------------------------------
+Every series carries ``node="<node id>"`` (``node.name``, default the host name), and
+``i3node_node_info{node, version} 1`` adds the package version. The Prometheus guide
+"Writing exporters" prefers target labels set by the server (``instance``) to a constant
+label set by the application; i3node sets one anyway because nodes of one cluster are
+often scraped through one address (a reverse proxy, a federation) where ``instance`` does
+not tell them apart, and because IT asked for dashboards per node without relabelling
+rules. A relabelling rule can drop it where ``instance`` suffices::
 
-    sum by (node) (rate(i3node_instances_received_total[5m])
-      * on (instance) group_left (node) i3node_node_info)
+    sum by (node) (rate(i3node_instances_received_total[5m]))
 
 Cluster-wide versus per-node series
 -----------------------------------
@@ -88,6 +86,7 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.engine import Engine
 
@@ -258,6 +257,25 @@ class _StateCollector(Collector):
         return []
 
 
+class _NodeLabelled(Collector):
+    """Every sample of another registry with a constant ``node`` label (kept where a sample has one)."""
+
+    def __init__(self, inner: CollectorRegistry, node_id: str) -> None:
+        self._inner = inner
+        self._node = node_id
+
+    def collect(self) -> Iterable[Any]:
+        for family in self._inner.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labels = sample.labels if "node" in sample.labels else {**sample.labels, "node": self._node}
+                out.add_sample(sample.name, labels, sample.value, sample.timestamp, sample.exemplar)
+            yield out
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+
 def _free_bytes(path: Path) -> int | None:
     current = path
     while not current.exists() and current.parent != current:
@@ -414,6 +432,9 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_StateCollector(store, Path(spool_dir) if spool_dir is not None else None))
+        # What a scrape returns: every series of the registry with the node label added.
+        self.exposition_registry = CollectorRegistry(auto_describe=False)
+        self.exposition_registry.register(_NodeLabelled(self.registry, node_id))
 
     # -- recording ---------------------------------------------------------------------
     def instance_received(self, n: int = 1) -> None:
@@ -475,7 +496,7 @@ class Metrics:
     # -- exposition ----------------------------------------------------------------------
     def render(self) -> bytes:
         """The current exposition text (what a scrape returns)."""
-        return generate_latest(self.registry)
+        return generate_latest(self.exposition_registry)
 
     def health(self) -> tuple[bool, dict[str, str]]:
         """Whether the state database answers a trivial query.
@@ -541,7 +562,7 @@ def _handler(metrics: Metrics) -> type[http.server.BaseHTTPRequestHandler]:
             if path == "/metrics":
                 encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
                 try:
-                    body = encoder(metrics.registry)
+                    body = encoder(metrics.exposition_registry)
                 except Exception as exc:  # never leave a scrape without an answer
                     log.exception("metrics: scrape failed")
                     self._send(500, "text/plain; charset=utf-8", f"scrape failed: {type(exc).__name__}\n".encode())

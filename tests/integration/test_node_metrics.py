@@ -38,9 +38,15 @@ def _scrape(url: str) -> Samples:
     status, content_type, text = _get(url)
     assert status == 200 and content_type.startswith("text/plain"), (status, content_type)
     out: Samples = {}
+    nodes = set()
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            labels = dict(s.labels)
+            assert "node" in labels, f"{s.name} has no node label"
+            if s.name != "i3node_node_info":  # keyed without the node label (checked once here)
+                nodes.add(labels.pop("node"))
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
+    assert len(nodes) == 1, nodes  # one node per scrape
     return out
 
 
@@ -224,7 +230,7 @@ def test_other_paths_are_404(tmp_path: Path) -> None:
 def test_private_registry_and_stop(tmp_path: Path) -> None:
     a, b = Metrics(node_id="a"), Metrics(node_id="b")  # two nodes in one process do not collide
     a.instance_received()
-    assert b.render().count(b"i3node_instances_received_total 0.0") == 1
+    assert b.render().count(b'i3node_instances_received_total{node="b"} 0.0') == 1
     assert REGISTRY.get_sample_value("i3node_instances_received_total") is None
     server = a.start_http("127.0.0.1", 0)
     port = server.port
@@ -291,9 +297,9 @@ def test_counting_sink_and_broken_store(tmp_path: Path) -> None:
     sink.record(StoredInstance(**base))
     sink.record(StoredInstance(**base, duplicate=True))
     text = metrics.render().decode()
-    assert "i3node_instances_received_total 1.0" in text
+    assert 'i3node_instances_received_total{node="i3node"} 1.0' in text
     assert "i3node_queue_jobs" not in text and "i3node_spool_free_bytes" in text  # the rest still scrapes
-    assert "i3node_state_database_up 0.0" in text
+    assert 'i3node_state_database_up{node="i3node"} 0.0' in text
     assert metrics.health()[0] is False
     with pytest.raises(ValueError, match="seconds"):
         metrics.observe_stage("segment", -1.0)
