@@ -461,7 +461,7 @@ def _review_regions(ctx: PipelineContext, job_id: int, volume: Volume) -> tuple[
     ranks = np.zeros(label_map.shape, dtype=np.uint8)
     for rank, region in enumerate(regions, start=1):
         ranks[label_map == region.region_id] = rank
-    confidences = [round(r.mean_confidence, 4) for r in regions]
+    confidences = [float(r.mean_confidence) for r in regions]
     _write_arrays(path, rank_map=ranks, confidences=np.asarray(confidences, dtype=np.float64),
                   region_ids=np.asarray([r.region_id for r in regions], dtype=np.int32))
     secs = _timed(ctx, "advice", t0)
@@ -488,8 +488,8 @@ def _write_review_seg(
         headers,
         regions[0],
         regions[1],
-        model_id=f"{s.models.model_id} review regions"[:64],
-        model_version=f"{ctx.model_version()}; SLIC n={s.advice.n_segments}"[:64],
+        model_id=f"{s.models.model_id} review regions (SLIC {s.advice.n_segments})"[:64],
+        model_version=ctx.model_version()[:64] or "1",
         series_uid=uids["advice_series"],
         sop_uid=uids["advice_sop"],
         series_number=s.outputs.series_number_base + REVIEW_SERIES_OFFSET,

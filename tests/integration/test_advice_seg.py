@@ -227,6 +227,9 @@ def test_node_sends_review_regions_and_ignores_them_in_corrections(
     assert review.SeriesNumber == app.settings.outputs.series_number_base + 5
     assert review.SeriesNumber not in {ds.SeriesNumber for cls in got.values() for ds in cls if ds is not review}
     assert dciodvfy(Path(review.filename)).errors == []
+    algorithm = review.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "i3node-demo review regions (SLIC 200)"
+    assert algorithm.AlgorithmVersion == ai_seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion
 
     # k segments "check region r (confidence c)", least confident first, each exactly one supervoxel.
     labels = [LABEL_RE.match(str(s.SegmentLabel)) for s in review.SegmentSequence]
