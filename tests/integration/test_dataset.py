@@ -70,6 +70,13 @@ def corrected_node(tmp_path_factory: pytest.TempPathFactory, demo_models: Any) -
         assert send_datasets([edit], ae_title="I3NODE", host="127.0.0.1", port=app.port, calling_ae="VIEWER").ok
         assert wait_until(lambda: app.store.job(int(job["id"]))["state"] == JobState.DONE.value, 180)
         series_uid = str(job["series_uid"])
+        # The AI SEG names the model version that made it.
+        from node.app import model_tag
+
+        v1 = [pydicom.dcmread(f) for f in (settings.outputs_dir / f"job-{job['id']}" / "v1").glob("*.dcm")]
+        (ai_seg,) = [d for d in v1 if d.Modality == "SEG" and "review" not in str(d.SeriesDescription).lower()]
+        algorithm = ai_seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmVersion == model_tag(demo_models.preseg_dir)[:64]
     finally:
         app.stop()
     cfg = tmp / "node.toml"
