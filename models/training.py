@@ -459,6 +459,53 @@ def _overrides_from_json(d: Mapping[str, Any]) -> NetworkOverrides:
         batch_size=int(d["batch_size"]), dropout_p=d["dropout_p"], min_bottleneck=int(d["min_bottleneck"]))
 
 
+def annotated_intensity_properties(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                                   ignore_value: int) -> dict[str, float]:
+    """nnU-Net's foreground intensity statistics over the *annotated* foreground voxels only.
+
+    nnU-Net's fingerprint takes every voxel with a label above 0 as foreground, the
+    ``ignore`` label included: on sparse labels (an expert's planes, ``ignore`` elsewhere)
+    that is mostly unannotated tissue and air, and the CT window it derives clips the
+    lesions. Here only voxels labelled ``1 .. ignore_value - 1`` count.
+    """
+    values = np.concatenate([np.asarray(img, np.float64)[(lab > 0) & (lab != ignore_value)]
+                             for img, lab in zip(images, labels, strict=True)])
+    if values.size == 0:
+        raise TrainingError("no annotated foreground voxel in the training set")
+    return {
+        "max": float(values.max()), "mean": float(values.mean()), "median": float(np.median(values)),
+        "min": float(values.min()), "percentile_00_5": float(np.percentile(values, 0.5)),
+        "percentile_99_5": float(np.percentile(values, 99.5)), "std": float(values.std()),
+    }
+
+
+def _exclude_ignore_from_intensities(raw_ds: Path, pre_ds: Path, plans: dict[str, Any]) -> None:
+    """With an ``ignore`` label, replace the planned intensity statistics by those of annotated voxels."""
+    import SimpleITK as sitk
+
+    dataset = json.loads((raw_ds / "dataset.json").read_text())
+    if "ignore" not in dataset["labels"]:
+        return
+    ignore = int(dataset["labels"]["ignore"])
+    ending = dataset.get("file_ending", ".nii.gz")
+    label_files = sorted((raw_ds / "labelsTr").glob(f"*{ending}"))
+    labels = [sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in label_files]
+    props = {}
+    for ch in sorted(dataset["channel_names"], key=int):
+        images = [sitk.GetArrayFromImage(sitk.ReadImage(str(raw_ds / "imagesTr" / f"{f.name[:-len(ending)]}_{int(ch):04d}{ending}")))
+                  for f in label_files]
+        props[str(ch)] = annotated_intensity_properties(images, labels, ignore)
+    plans["foreground_intensity_properties_per_channel"] = props
+    fp_path = pre_ds / "dataset_fingerprint.json"
+    if fp_path.is_file():
+        fingerprint = json.loads(fp_path.read_text())
+        fingerprint["foreground_intensity_properties_per_channel"] = props
+        fingerprint["i3node_note"] = "intensity statistics of annotated voxels only (the ignore label left out)"
+        fp_path.write_text(json.dumps(fingerprint, indent=1))
+    log.info("intensity statistics from annotated voxels only (ignore label %d left out): %s", ignore,
+             {k: (round(v["percentile_00_5"], 1), round(v["percentile_99_5"], 1)) for k, v in props.items()})
+
+
 def _plan_and_preprocess_here(
     dataset_id: int,
     *,
@@ -509,6 +556,7 @@ def _plan_and_preprocess_here(
                 raise TrainingError(f"planning dataset {dataset_id} in {raw_root} failed: {exc}") from exc
             plans_file = Path(preprocessed_root) / ds_name / f"{plans_identifier}.json"
             plans = json.loads(plans_file.read_text())
+            _exclude_ignore_from_intensities(Path(raw_root) / ds_name, Path(preprocessed_root) / ds_name, plans)
         if configuration not in plans["configurations"]:
             raise TrainingError(f"configuration {configuration!r} not planned for {ds_name}; "
                                 f"available: {sorted(plans['configurations'])}")
