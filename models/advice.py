@@ -7,6 +7,7 @@ supervoxels are proposed to the expert as regions to check first.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,7 @@ def advice_regions(
     top_k: int = 5,
     compactness: float = 0.1,
     foreground_only: bool = False,
+    spacing: Sequence[float] | None = None,
 ) -> tuple[list[AdviceRegion], np.ndarray]:
     """Rank SLIC supervoxels by low mean ensemble confidence.
 
@@ -67,6 +69,10 @@ def advice_regions(
         SLIC compactness on the image rescaled to ``[0, 1]`` (> 0).
     foreground_only : bool, optional
         Only rank supervoxels containing predicted foreground (argmax >= 1).
+    spacing : sequence of float, optional
+        ``(z, y, x)`` voxel spacing in mm: supervoxels are then compact in millimetres, not
+        in voxels (on CT with thick slices they would otherwise stretch along z). None
+        treats voxels as isotropic.
 
     Returns
     -------
@@ -94,12 +100,18 @@ def advice_regions(
         raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
     if not (compactness > 0 and np.isfinite(compactness)):
         raise ValueError(f"compactness must be a finite number > 0, got {compactness!r}")
+    sp = None
+    if spacing is not None:
+        sp = np.asarray(spacing, dtype=np.float64)
+        if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+            raise ValueError(f"spacing must be three positive numbers (z, y, x), got {spacing!r}")
 
     img = image.astype(np.float32)
     lo, hi = (float(v) for v in np.percentile(img, [1, 99]))
     img = (np.clip(img, lo, hi) - lo) / max(hi - lo, 1e-6)
     label_map = slic(
-        img, n_segments=int(n_segments), compactness=float(compactness), channel_axis=None, start_label=1
+        img, n_segments=int(n_segments), compactness=float(compactness), channel_axis=None, start_label=1,
+        spacing=sp,
     ).astype(np.int32)
 
     confidence = np.max(mean_probs, axis=0).astype(np.float64)

@@ -454,7 +454,8 @@ def _review_regions(ctx: PipelineContext, job_id: int, volume: Volume) -> tuple[
     t0 = time.monotonic()
     prior = _prior(ctx, ctx.workdir(job_id), volume)
     try:
-        regions, label_map = advice_regions(volume.array, prior, n_segments=advice.n_segments, top_k=advice.top_k)
+        regions, label_map = advice_regions(volume.array, prior, n_segments=advice.n_segments, top_k=advice.top_k,
+                                            spacing=volume.spacing)
     except ValueError as exc:
         log.warning("job %d: no review regions (%s)", job_id, exc)
         return None

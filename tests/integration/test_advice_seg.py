@@ -241,7 +241,7 @@ def test_node_sends_review_regions_and_ignores_them_in_corrections(
     work = app.settings.outputs_dir / f"job-{job_id}"
     with np.load(work / "preseg.npz") as z:
         prior = dequantize_probabilities(z["probabilities"])
-    regions, label_map = advice_regions(volume.array, prior, n_segments=200, top_k=5)
+    regions, label_map = advice_regions(volume.array, prior, n_segments=200, top_k=5, spacing=volume.spacing)
     masks = _segment_masks(review, source)
     for r, region in enumerate(regions):
         np.testing.assert_array_equal(masks[..., r], label_map == region.region_id)
