@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from node.settings import Settings, SettingsError, load_settings, redacted_url, resolve_database_url
+from node.settings import Settings, SettingsError, load_settings, redacted_url
 
 __all__ = ["main", "parse_peer"]
 
@@ -361,17 +361,6 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _existing_store(settings: Settings) -> Any:
-    """The node's state store; a configuration error (exit 2) when there is none - nothing is created."""
-    from node.store import Store, StoreMissing
-
-    try:
-        return Store(resolve_database_url(settings), node_id=settings.node_id, create=False)
-    except StoreMissing as exc:
-        key = "storage.database_url" if settings.storage.database_url else "node.state_dir"
-        raise SettingsError(f"{key}: {exc} (is this the node's configuration?)") from None
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -384,19 +373,14 @@ def _positive_int(text: str) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show studies, series, jobs, corrected SEGs and undelivered outputs (newest first, bounded)."""
-    from node.status import render_status, status_json, status_snapshot
+    from node.status import render_status, snapshot_of, status_json
     from node.store import JobState
 
     settings = _settings(args)
     for state in args.state or ():
         if state not in {s.value for s in JobState}:
             raise UsageError(f"--state {state}: not a job state ({', '.join(s.value for s in JobState)})")
-    store = _existing_store(settings)
-    try:
-        snap = status_snapshot(store, node=settings.node_id, database=redacted_url(settings.database_url),
-                               limit=args.limit, job_states=tuple(args.state or ()), study_uid=args.study)
-    finally:
-        store.close()
+    snap = snapshot_of(settings, limit=args.limit, job_states=tuple(args.state or ()), study_uid=args.study)
     sys.stdout.write((status_json(snap) if args.json else render_status(snap)) + "\n")
     return 0
 
@@ -404,10 +388,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     """Bring a job's dead-lettered deliveries (or a failed job) back to pending."""
     from node.exporter import retry_dead
+    from node.status import existing_store
     from node.store import JobState
 
     settings = _settings(args)
-    store = _existing_store(settings)
+    store = existing_store(settings)
     try:
         job = store.job(args.job)
         if job is None:
@@ -430,10 +415,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     """Purge old spooled inputs and delivered outputs per [retention] (never undelivered ones)."""
     from node.retention import dry_run, execute_purge, plan_purge
+    from node.status import existing_store
 
     settings = _settings(args)
     r = settings.retention
-    store = _existing_store(settings)
+    store = existing_store(settings)
     try:
         plan = plan_purge(store, time.time(), r.spool_days, r.outputs_days)
         sys.stdout.write(dry_run(plan) + "\n")
@@ -502,6 +488,7 @@ def cmd_dataset_export(args: argparse.Namespace) -> int:
     """Write an nnU-Net raw dataset of the node's corrected studies (sparse labels, ``ignore`` elsewhere)."""
     from node.app import load_segments
     from node.dataset import ExportError, export_corrections
+    from node.status import existing_store
 
     settings = _settings(args)
     setup_logging(settings.node.log_level)
@@ -511,7 +498,7 @@ def cmd_dataset_export(args: argparse.Namespace) -> int:
             since = dt.datetime.fromisoformat(args.since).replace(tzinfo=dt.UTC).timestamp()
         except ValueError:
             raise UsageError(f"--since {args.since!r}: expected a date like 2026-11-01 (UTC)") from None
-    store = _existing_store(settings)
+    store = existing_store(settings)
     classes = ["background", *[s.label for s in sorted(load_segments(settings), key=lambda s: s.label_value)]]
     try:
         report = export_corrections(store, settings.outputs_dir, classes, Path(args.out), since=since,

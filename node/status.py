@@ -13,10 +13,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from node.settings import Settings, redacted_url, resolve_database_url
-from node.store import Row, Store, corrections, deliveries, jobs, outputs, series, studies
+from node.settings import Settings, SettingsError, redacted_url, resolve_database_url
+from node.store import Row, Store, StoreMissing, corrections, deliveries, jobs, outputs, series, studies
 
-__all__ = ["status_snapshot", "snapshot_of", "render_status", "status_json"]
+__all__ = ["existing_store", "status_snapshot", "snapshot_of", "render_status", "status_json"]
 
 #: Columns holding POSIX times; shown as ISO 8601 (UTC), 0 and missing as null.
 _TIME_COLUMNS = frozenset({
@@ -118,16 +118,25 @@ def status_snapshot(
     }
 
 
-def snapshot_of(settings: Settings, **filters: Any) -> dict[str, Any]:
-    """:func:`status_snapshot` of the database ``settings`` name, which must exist.
+def existing_store(settings: Settings) -> Store:
+    """The node's state store as configured; nothing is created where there is none.
 
     Raises
     ------
-    node.store.StoreMissing
+    node.settings.SettingsError
         When there is no i3node database there (a mistyped ``node.state_dir`` or
-        ``storage.database_url``): nothing is created.
+        ``storage.database_url``), naming that key.
     """
-    store = Store(resolve_database_url(settings), node_id=settings.node_id, create=False)
+    try:
+        return Store(resolve_database_url(settings), node_id=settings.node_id, create=False)
+    except StoreMissing as exc:
+        key = "storage.database_url" if settings.storage.database_url else "node.state_dir"
+        raise SettingsError(f"{key}: {exc} (is this the node's configuration?)") from None
+
+
+def snapshot_of(settings: Settings, **filters: Any) -> dict[str, Any]:
+    """:func:`status_snapshot` of the database ``settings`` name, which must exist (see :func:`existing_store`)."""
+    store = existing_store(settings)
     try:
         return status_snapshot(store, node=settings.node_id, database=redacted_url(settings.database_url), **filters)
     finally:
