@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from node.settings import DeliverySettings, Destination
-from node.store import DeliveryState, Store, deliveries
+from node.store import DeliveryState, Store, claim_statement, deliveries
 from node.store import outputs as outputs_table
 
 __all__ = [
@@ -443,23 +443,12 @@ class Exporter:
         at once.
         """
         store = self.store
-        pick = (
-            sa.select(deliveries.c.id)
-            .where(
-                deliveries.c.destination == dest.ae_title,
-                deliveries.c.state == DeliveryState.PENDING.value,
-                deliveries.c.next_attempt_at <= now,
-                sa.or_(deliveries.c.owner.is_(None), deliveries.c.lease_until < now),
-            )
-            .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
-            .limit(_BATCH_SIZE)
-            .with_for_update(skip_locked=True)
-        )
-        claim = (
-            deliveries.update()
-            .where(deliveries.c.id.in_(pick.scalar_subquery()))
-            .values(owner=store.node_id, lease_until=now + store.lease_s)
-            .returning(deliveries.c.id)
+        claim = claim_statement(
+            deliveries, deliveries.c.id,
+            [deliveries.c.destination == dest.ae_title, deliveries.c.state == DeliveryState.PENDING.value,
+             deliveries.c.next_attempt_at <= now, sa.or_(deliveries.c.owner.is_(None), deliveries.c.lease_until < now)],
+            [deliveries.c.next_attempt_at, deliveries.c.id],
+            dict(owner=store.node_id, lease_until=now + store.lease_s), limit=_BATCH_SIZE, returning=[deliveries.c.id],
         )
         with store._write_lock, store.engine.begin() as c:
             ids = [int(r.id) for r in c.execute(claim)]

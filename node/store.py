@@ -45,6 +45,7 @@ __all__ = [
     "JobState",
     "CLAIMED_STATES",
     "LeaseLost",
+    "claim_statement",
     "StoreMissing",
     "UNFINISHED_STATES",
     "CorrectionState",
@@ -291,6 +292,23 @@ _Q_INSTANCE_INSERT = instances.insert().values(
     calling_ae=_P("calling_ae"), instance_number=_P("number"), received_at=_P("now"),
     peer_address=_P("peer"), audited=False,
 )
+
+
+def claim_statement(table: sa.Table, key: sa.Column[Any], where: Sequence[Any], order_by: Sequence[Any],
+                    values: Mapping[str, Any], *, limit: int = 1, returning: Sequence[Any] = ()) -> Any:
+    """The claim: ``UPDATE table SET values WHERE key IN (SELECT key WHERE ... ORDER BY ... LIMIT n
+    FOR UPDATE SKIP LOCKED) AND ... RETURNING``.
+
+    One statement, so two nodes never claim the same row: on PostgreSQL the sub-select
+    locks the rows it picks and skips rows another transaction holds, and the conditions
+    are checked again on the rows updated; SQLite runs one writer at a time.  Returns
+    ``returning`` (default: every column) of the rows claimed.
+    """
+    pick = (sa.select(key).where(*where).order_by(*order_by).limit(limit)
+            .with_for_update(skip_locked=True).scalar_subquery())
+    # `key = (SELECT ... LIMIT 1)` is one InitPlan on PostgreSQL; `IN` for a batch.
+    chosen = key == pick if limit == 1 else key.in_(pick)
+    return table.update().where(chosen, *where).values(**values).returning(*(returning or table.c))
 
 
 def _insert_if_absent(engine: Engine, table: sa.Table) -> Any:
@@ -771,20 +789,10 @@ class Store:
         lease, and counts the attempt; two nodes never claim the same job.
         """
         now = time.time() if now is None else now
-        pick = (
-            sa.select(jobs.c.id)
-            .where(jobs.c.state == JobState.QUEUED.value, jobs.c.not_before <= now)
-            .order_by(jobs.c.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        stmt = (
-            jobs.update()
-            .where(jobs.c.id == pick, jobs.c.state == JobState.QUEUED.value)
-            .values(state=JobState.SEGMENTING.value, reason="", updated_at=now, attempts=jobs.c.attempts + 1,
-                    **self._claim_values(True, now))
-            .returning(*jobs.c)
+        stmt = claim_statement(
+            jobs, jobs.c.id, [jobs.c.state == JobState.QUEUED.value, jobs.c.not_before <= now], [jobs.c.id],
+            dict(state=JobState.SEGMENTING.value, reason="", updated_at=now, attempts=jobs.c.attempts + 1,
+                 **self._claim_values(True, now)),
         )
         with self._write_lock, self._tx() as c:
             row = c.execute(stmt).first()
@@ -818,19 +826,11 @@ class Store:
     def claim_correction(self, now: float | None = None) -> Row | None:
         """Claim the oldest pending corrected SEG (state ``processing``, held by this node)."""
         now = time.time() if now is None else now
-        pick = (
-            sa.select(corrections.c.sop_uid)
-            .where(corrections.c.state == CorrectionState.PENDING.value, corrections.c.not_before <= now)
-            .order_by(corrections.c.received_at, corrections.c.sop_uid)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        stmt = (
-            corrections.update()
-            .where(corrections.c.sop_uid == pick, corrections.c.state == CorrectionState.PENDING.value)
-            .values(state=CorrectionState.PROCESSING.value, **self._claim_values(True, now))
-            .returning(*corrections.c)
+        stmt = claim_statement(
+            corrections, corrections.c.sop_uid,
+            [corrections.c.state == CorrectionState.PENDING.value, corrections.c.not_before <= now],
+            [corrections.c.received_at, corrections.c.sop_uid],
+            dict(state=CorrectionState.PROCESSING.value, **self._claim_values(True, now)),
         )
         with self._write_lock, self._tx() as c:
             row = c.execute(stmt).first()
@@ -869,6 +869,7 @@ class Store:
 
     def _release(self, job_filter: Any, now: float, reason: str, corr_filter: Any, deliv_filter: Any) -> list[int]:
         ids: list[int] = []
+        why: list[str] = []
         with self._write_lock, self._tx() as c:
             rows = c.execute(
                 sa.select(jobs.c.id, jobs.c.state, jobs.c.owner, jobs.c.lease_until, jobs.c.data).where(job_filter)
@@ -886,13 +887,14 @@ class Store:
                 )
                 if res.rowcount == 1:  # not renewed in the meantime
                     ids.append(int(r.id))
-                    self._event(c, int(r.id), back.value, reason.format(owner=r.owner), now)
+                    why.append(reason.format(owner=r.owner))
+                    self._event(c, int(r.id), back.value, why[-1], now)
             c.execute(
                 corrections.update()
                 .where(corr_filter, corrections.c.state == CorrectionState.PROCESSING.value)
                 .values(state=CorrectionState.PENDING.value, **self._claim_values(False, now))
             )
             c.execute(deliveries.update().where(deliv_filter).values(**self._claim_values(False, now)))
-        if ids:
-            log.warning("requeued job(s) %s: %s", ids, reason.replace("{owner}", "another node"))
+        for jid, text in zip(ids, why, strict=True):
+            log.warning("job %d requeued: %s", jid, text)
         return ids
