@@ -197,15 +197,15 @@ def load_exports(folders: Sequence[Path]) -> tuple[list[Any], tuple[str, ...], d
     Returns
     -------
     cases, class_names, provenance
-        :class:`models.training.TrainingCase` objects (labels may hold the ignore value
-        ``len(class_names)``), the class names (background first), and per-folder counts.
+        :class:`node.evaluate.RawCase` objects, which train as they are (labels may hold
+        the ignore value ``len(class_names)``), the class names (background first), and
+        per-folder counts.
 
     Raises
     ------
     ExportError
         When a folder is not a dataset or the folders' classes differ.
     """
-    from models.training import TrainingCase
     from node.evaluate import folder_cases
 
     merged: dict[str, Any] = {}
@@ -226,8 +226,7 @@ def load_exports(folders: Sequence[Path]) -> tuple[list[Any], tuple[str, ...], d
             cases = list(folder_cases(Path(folder)))
         except ValueError as exc:
             raise ExportError(str(exc)) from None
-        for c in cases:
-            merged[c.name] = TrainingCase(image=c.image, labels=c.labels, spacing=c.spacing)
+        merged.update((c.name, c) for c in cases)
         provenance[Path(folder).name] = {"cases": len(cases)}
     if classes is None:
         raise ExportError("no dataset folder given")
